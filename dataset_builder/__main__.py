@@ -1,0 +1,91 @@
+"""Command line: `python -m dataset_builder {build,score,synth,push}`; each error ends in one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dataset_builder", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="clean a caption table (+ images) into a DatasetDict")
+    build.add_argument("--captions", required=True, help="CSV in RISCM's raw layout (source,split,image,"
+                       "caption_1..caption_5) or the long layout (image,caption[,split][,source])")
+    images = build.add_mutually_exclusive_group(required=True)
+    images.add_argument("--images", help="folder holding the files named in the image column (RISCM: resized/)")
+    images.add_argument("--captions-only", action="store_true", help="build without images (no image column)")
+    build.add_argument("--output", required=True, help="output folder; written atomically, replaced if it is an "
+                       "earlier output")
+    build.add_argument("--split", help="split of every row, for a long-layout table without a split column "
+                       "(train, val, test; validation = val)")
+    build.add_argument("--source", help="source name for a long-layout table without a source column "
+                       "(default: unknown)")
+    build.add_argument("--max-side", type=int, default=1024, help="downscale images larger than this (pixels)")
+    build.add_argument("--strict", action="store_true", help="fail, listing them, if any image is broken "
+                       "(default: leave those rows out and list them in problems.csv)")
+    build.add_argument("--num-workers", type=int, default=None, help="processes for image checks "
+                       "(default: all CPU cores)")
+
+    score = commands.add_parser("score", help="add a clip_score column and a CLIP screening report")
+    score.add_argument("--dataset", required=True, help="a folder made by `build` (with images)")
+    score.add_argument("--clip-model", required=True, help="local folder or Hub id of a transformers CLIP model")
+    score.add_argument("--batch-size", type=int, default=64, help="images or captions per forward pass")
+    score.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    score.add_argument("--lowest", type=int, default=16, help="number of lowest-scoring pairs in the contact sheet")
+
+    synth = commands.add_parser("synth", help="make a synthetic aerial caption set in RISCM's raw layout")
+    synth.add_argument("--output", required=True, help="output folder (captions.csv + resized/*.jpg)")
+    synth.add_argument("--num-images", type=int, default=2000, help="number of images")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; the output is a function of it")
+    synth.add_argument("--size", type=int, default=224, help="image side in pixels")
+    synth.add_argument("--grid", help="also write a 4x4 sample grid PNG with captions to this path")
+
+    push = commands.add_parser("push", help="push a built dataset and its card to the Hugging Face Hub")
+    push.add_argument("--dataset", required=True, help="a folder made by `build`")
+    push.add_argument("--repo-id", required=True, help="Hub dataset repository, e.g. user/riscm-clean")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "build":
+            from .build import build
+
+            stats = build(args.captions, args.output, images=None if args.captions_only else args.images,
+                          split=args.split, source=args.source, max_side=args.max_side, strict=args.strict,
+                          num_workers=args.num_workers)
+            from .card import counts_table
+
+            print(counts_table(stats["counts"]))
+            print(f"wrote {args.output}: splits {stats['splits']}, empty splits {stats['empty_splits']}, "
+                  f"{stats['problems']} problems listed in problems.csv, image checks {stats['image_checks']}")
+        elif args.command == "score":
+            from .score import score
+
+            summary = score(args.dataset, args.clip_model, batch_size=args.batch_size, device=args.device,
+                            lowest=args.lowest)
+            print(json.dumps(summary, indent=2))
+        elif args.command == "synth":
+            from .synth import synthesize
+
+            summary = synthesize(args.output, num_images=args.num_images, seed=args.seed, size=args.size,
+                                 grid=args.grid)
+            print(json.dumps(summary, indent=2))
+        elif args.command == "push":
+            from .push import push
+
+            print(push(args.dataset, args.repo_id, private=args.private))
+    except (ValueError, OSError, RuntimeError) as error:
+        # TableError, StrictError, offline errors...: one message the user can act on, no traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
