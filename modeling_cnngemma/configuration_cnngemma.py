@@ -1,0 +1,143 @@
+"""CNNGemma configuration: a timm CNN encoder, a projector and a Gemma-family decoder.
+
+The encoder's output grid (and so the number of image tokens) is measured, not assumed: see `probe_vision_tower`.
+"""
+
+import difflib
+from functools import lru_cache
+
+import timm
+import torch
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+TOKEN_MODES = ("single", "multi")
+PROJECTOR_TYPES = ("linear", "mlp")
+TEXT_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+
+# PaliGemma-3B's decoder: Gemma 2B with PaliGemma's 257,216-token vocabulary (257,152 + 64 special tokens).
+PALIGEMMA_VOCAB_SIZE = 257216
+PALIGEMMA_IMAGE_TOKEN_ID = 257152
+
+
+@lru_cache(maxsize=64)
+def probe_vision_tower(vision_model_name: str, image_size: int) -> tuple[int, int, int]:
+    """Runs the timm model on the meta device and returns (feature_dim, grid_height, grid_width) of its final map.
+
+    No weights are allocated and nothing is downloaded, so this is cheap enough to run for every config.
+    """
+    with torch.device("meta"):
+        model = timm.create_model(vision_model_name, pretrained=False, num_classes=0)
+        reduction = model.feature_info[-1]["reduction"] if getattr(model, "feature_info", None) else 32
+        if image_size < reduction:
+            raise ValueError(
+                f"image_size={image_size} is too small for {vision_model_name!r}, whose final feature map is "
+                f"{reduction}x smaller than its input; expected image_size >= {reduction}."
+            )
+        features = model.forward_features(torch.empty(1, 3, image_size, image_size))
+    if features.ndim != 4:
+        raise ValueError(
+            f"vision_model_name={vision_model_name!r} is not a CNN: its forward_features returns a tensor of shape "
+            f"{tuple(features.shape)}, expected (B, C, H, W). Use a convolutional timm model such as "
+            "'mobilenetv3_large_100' or 'efficientnet_b0'."
+        )
+    _, channels, height, width = features.shape
+    return channels, height, width
+
+
+class CNNGemmaConfig(PreTrainedConfig):
+    r"""
+    Configuration of a CNNGemma model: PaliGemma's layout with its SigLIP tower replaced by a timm CNN.
+
+    Args:
+        vision_model_name (`str`): timm architecture of the encoder, e.g. `"mobilenetv3_large_100"`.
+        image_size (`int`): square input size in pixels.
+        token_mode (`str`): `"single"` feeds the globally pooled final feature map as 1 image token, `"multi"` feeds
+            every position of the final map (H*W tokens, 49 at 224 px for the stride-32 encoders).
+        text_config (`dict` or `PreTrainedConfig`): a Gemma-family causal LM config (`gemma`, `gemma2`,
+            `gemma3_text`). Defaults to the Gemma-2B shape used by PaliGemma-3B. Pad, bos and eos ids live here.
+        projector_type (`str`): `"linear"` (one Linear) or `"mlp"` (Linear-GELU-Linear).
+        image_token_id (`int`): id of the `<image>` placeholder token.
+        prompt_prefix (`str`): the default prompt the processor puts before the caption.
+
+    Derived (measured on the meta device, never read from kwargs): `vision_feature_dim`, `vision_grid`,
+    `num_image_tokens`.
+    """
+
+    model_type = "cnngemma"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="gemma",
+            init_kwargs={
+                "hidden_size": 2048,
+                "num_hidden_layers": 18,
+                "intermediate_size": 16384,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 1,
+                "head_dim": 256,
+                "vocab_size": PALIGEMMA_VOCAB_SIZE,
+                "pad_token_id": 0,
+                "eos_token_id": 1,
+                "bos_token_id": 2,
+            },
+        ),
+    }
+
+    vision_model_name: str = "mobilenetv3_large_100"
+    image_size: int = 224
+    token_mode: str = "single"
+    text_config: dict | PreTrainedConfig | None = None
+    projector_type: str = "linear"
+    image_token_id: int = PALIGEMMA_IMAGE_TOKEN_ID
+    prompt_prefix: str = "caption en"
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        # Derived fields are written to config.json for readers; they are always recomputed on load.
+        for derived in ("vision_feature_dim", "vision_grid", "num_image_tokens"):
+            kwargs.pop(derived, None)
+        super().__post_init__(**kwargs)
+        self._validate()
+        self.vision_feature_dim, height, width = probe_vision_tower(self.vision_model_name, self.image_size)
+        self.vision_grid = [height, width]
+        self.num_image_tokens = 1 if self.token_mode == "single" else height * width
+
+    def _validate(self):
+        if self.token_mode not in TOKEN_MODES:
+            raise ValueError(f"token_mode={self.token_mode!r} is not supported; expected one of {TOKEN_MODES}.")
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(
+                f"projector_type={self.projector_type!r} is not supported; expected one of {PROJECTOR_TYPES}."
+            )
+        if self.text_config.model_type not in TEXT_MODEL_TYPES:
+            raise ValueError(
+                f"text_config.model_type={self.text_config.model_type!r} is not supported; expected a Gemma-family "
+                f"causal LM, one of {TEXT_MODEL_TYPES}."
+            )
+        if not timm.is_model(self.vision_model_name):
+            close = difflib.get_close_matches(self.vision_model_name, timm.list_models(), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"vision_model_name={self.vision_model_name!r} is not a timm architecture.{hint} "
+                "See timm.list_models() for the names timm knows."
+            )
+        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
+            raise ValueError(f"image_size={self.image_size!r} must be a positive int (pixels of the square input).")
+        vocab_size = self.text_config.vocab_size
+        if not 0 <= self.image_token_id < vocab_size:
+            raise ValueError(
+                f"image_token_id={self.image_token_id} is outside the text model's vocabulary (vocab_size="
+                f"{vocab_size}); expected 0 <= image_token_id < {vocab_size}. Add `<image>` to the tokenizer and "
+                "set both from it."
+            )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(self.text_config, name, None) == self.image_token_id:
+                raise ValueError(
+                    f"image_token_id={self.image_token_id} equals text_config.{name}; the `<image>` placeholder "
+                    "needs its own id."
+                )
+
+
+__all__ = ["CNNGemmaConfig"]

@@ -1,0 +1,157 @@
+"""CNNGemma processor: images -> pixel_values, prompt (+ caption) -> `<image>`*N `<bos>` prompt "\n" [caption `<eos>`].
+
+Batches are left-padded so that generation continues every row from its last real token.
+"""
+
+import torch
+from transformers.processing_utils import ProcessorMixin
+from transformers.tokenization_utils_base import BatchEncoding
+
+from .image_processing_cnngemma import CNNGemmaImageProcessor
+
+IMAGE_TOKEN = "<image>"
+
+
+class CNNGemmaProcessor(ProcessorMixin):
+    r"""
+    Builds CNNGemma inputs. For each image and prompt `text` (default: the config's prefix, "caption en"):
+
+        input_ids = [<image>] * num_image_tokens + [<bos>] + tokens(text + "\n") [+ tokens(suffix) + [<eos>]]
+
+    With a `suffix` (the caption to learn) it also returns `labels`: -100 everywhere except on the caption tokens
+    and their `<eos>`.
+
+    Args:
+        image_processor (`CNNGemmaImageProcessor`), tokenizer (`PreTrainedTokenizerBase`): must know `<image>`.
+        num_image_tokens (`int`): image tokens per image, `config.num_image_tokens`.
+        prompt_prefix (`str`): the prompt used when `text` is None.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens: int = 1,
+        prompt_prefix: str = "caption en",
+        chat_template=None,
+        **kwargs,
+    ):
+        self.num_image_tokens = int(num_image_tokens)
+        self.prompt_prefix = prompt_prefix
+        self.image_token = IMAGE_TOKEN
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(
+                f"The tokenizer has no {IMAGE_TOKEN} token. Add it with "
+                f"tokenizer.add_tokens([AddedToken('{IMAGE_TOKEN}', special=True)], special_tokens=True) "
+                "and resize the model's embeddings, or use CNNGemmaForConditionalGeneration.from_backbones."
+            )
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, name) is None:
+                raise ValueError(f"The tokenizer has no {name[:-3]}; CNNGemma needs <bos>, <eos> and <pad> tokens.")
+
+    @classmethod
+    def from_model_config(cls, config, tokenizer) -> "CNNGemmaProcessor":
+        """The processor matching a CNNGemmaConfig: its image size, timm normalisation, token count and prefix."""
+        image_processor = CNNGemmaImageProcessor.from_timm(config.vision_model_name, config.image_size)
+        processor = cls(
+            image_processor,
+            tokenizer,
+            num_image_tokens=config.num_image_tokens,
+            prompt_prefix=config.prompt_prefix,
+        )
+        if processor.image_token_id != config.image_token_id:
+            raise ValueError(
+                f"config.image_token_id={config.image_token_id} but the tokenizer's {IMAGE_TOKEN} id is "
+                f"{processor.image_token_id}; build the config from this tokenizer."
+            )
+        return processor
+
+    def __call__(self, images=None, text=None, suffix=None, return_tensors: str | None = "pt", **kwargs):
+        """
+        Args:
+            images: one PIL image or a list of them (one per sample).
+            text: the prompt: None (the config's prefix), one string for all images, or one per image.
+            suffix: optional caption(s) to learn, one per image: adds `<eos>` and returns `labels`.
+            return_tensors: "pt" (default) or None for lists.
+
+        Returns:
+            `BatchEncoding` with exactly `input_ids`, `attention_mask`, `pixel_values` (+ `labels` with a suffix).
+        """
+        if images is None:
+            raise ValueError("CNNGemmaProcessor needs images: one PIL image or a list with one image per sample.")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        prompts = self._per_image(text if text is not None else self.prompt_prefix, len(images), "text")
+        for i, prompt in enumerate(prompts):
+            if IMAGE_TOKEN in prompt:
+                raise ValueError(
+                    f"text[{i}]={prompt!r} contains {IMAGE_TOKEN}; the processor inserts the {self.num_image_tokens} "
+                    f"{IMAGE_TOKEN} tokens itself. Pass only the prompt, e.g. {self.prompt_prefix!r}."
+                )
+        captions = None if suffix is None else self._per_image(suffix, len(images), "suffix", broadcast=False)
+
+        tokenizer = self.tokenizer
+        prefix_ids = [
+            [self.image_token_id] * self.num_image_tokens + [tokenizer.bos_token_id] + ids
+            for ids in tokenizer([p + "\n" for p in prompts], add_special_tokens=False)["input_ids"]
+        ]
+        if captions is None:
+            sequences, labels = prefix_ids, None
+        else:
+            caption_ids = [
+                ids + [tokenizer.eos_token_id] for ids in tokenizer(captions, add_special_tokens=False)["input_ids"]
+            ]
+            sequences = [p + c for p, c in zip(prefix_ids, caption_ids)]
+            labels = [[-100] * len(p) + c for p, c in zip(prefix_ids, caption_ids)]
+
+        # left padding: every row ends on its last real token, where generation continues
+        length = max(len(s) for s in sequences)
+        data = {
+            "input_ids": [[tokenizer.pad_token_id] * (length - len(s)) + s for s in sequences],
+            "attention_mask": [[0] * (length - len(s)) + [1] * len(s) for s in sequences],
+        }
+        if labels is not None:
+            data["labels"] = [[-100] * (length - len(lab)) + lab for lab in labels]
+        pixel_values = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
+        if return_tensors == "pt":
+            data = {key: torch.tensor(value, dtype=torch.long) for key, value in data.items()}
+        elif return_tensors is not None:
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None.")
+        data["pixel_values"] = pixel_values
+        return BatchEncoding(data)
+
+    @staticmethod
+    def _per_image(value, num_images: int, name: str, broadcast: bool = True) -> list[str]:
+        if isinstance(value, str):
+            if broadcast or num_images == 1:
+                return [value] * num_images
+            raise ValueError(f"Got one {name} string for {num_images} images; pass a list with one {name} per image.")
+        value = list(value)
+        if len(value) != num_images:
+            raise ValueError(f"Got {len(value)} {name} entries for {num_images} images; pass one per image.")
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError(f"Every {name} entry must be a string, got {[type(v).__name__ for v in value]}.")
+        return value
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, input_ids=None, **kwargs):
+        """Decodes `generate` outputs to captions: drops the prompt (by `input_ids` length, or up to its "\\n")."""
+        if input_ids is not None:
+            generated_outputs = generated_outputs[:, input_ids.shape[1] :]
+        texts = self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+        if input_ids is None:
+            texts = [text.split("\n", 1)[1] if "\n" in text else text for text in texts]
+        return [text.strip() for text in texts]
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+__all__ = ["CNNGemmaProcessor"]

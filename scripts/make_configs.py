@@ -1,0 +1,138 @@
+"""Regenerates configuration/*.json from CNNGemmaConfig and the parameter table in configuration/README.md.
+
+    python scripts/make_configs.py           # write the files
+    python scripts/make_configs.py --check   # exit 1 if any JSON file differs from what the code writes
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configuration"
+
+TINY_TEXT_CONFIG = {
+    "model_type": "gemma",
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "vocab_size": 1024,
+    "max_position_embeddings": 512,
+}
+
+VARIANTS = {
+    "mobilenet_single": {"vision_model_name": "mobilenetv3_large_100", "token_mode": "single"},
+    "mobilenet_multi": {"vision_model_name": "mobilenetv3_large_100", "token_mode": "multi"},
+    "efficientnet_single": {"vision_model_name": "efficientnet_b0", "token_mode": "single"},
+    "efficientnet_multi": {"vision_model_name": "efficientnet_b0", "token_mode": "multi"},
+    "tiny": {
+        "vision_model_name": "mobilenetv3_small_050",
+        "image_size": 128,
+        "token_mode": "multi",
+        "text_config": TINY_TEXT_CONFIG,
+        "image_token_id": 4,
+    },
+}
+
+
+def build_configs() -> dict[str, CNNGemmaConfig]:
+    """The five shipped configs; the four full ones are the timm encoder at 224 px + PaliGemma-3B's Gemma-2B."""
+    return {name: CNNGemmaConfig(**{"image_size": 224, **kwargs}) for name, kwargs in VARIANTS.items()}
+
+
+def config_json(config: CNNGemmaConfig) -> str:
+    """Exactly what `config.to_json_file(path)` writes."""
+    return config.to_json_string()
+
+
+def _comparable(text: str) -> dict:
+    """The JSON without the writer's transformers version, which changes with every upgrade."""
+    data = json.loads(text)
+    data.pop("transformers_version", None)
+    return data
+
+
+def count_parameters(config: CNNGemmaConfig) -> dict[str, int]:
+    """Measured on the meta device: no memory is allocated, tied weights are counted once."""
+    with torch.device("meta"):
+        model = CNNGemmaForConditionalGeneration(config)
+
+    def unique(module):
+        return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+    return {
+        "total": unique(model),
+        "vision_tower": unique(model.model.vision_tower),
+        "multi_modal_projector": unique(model.model.multi_modal_projector),
+        "language_model": unique(model.model.language_model),
+    }
+
+
+def readme_table(configs: dict[str, CNNGemmaConfig]) -> str:
+    rows = [
+        "| config | encoder | image size | tokens per image | feature dim | projector | decoder | total params "
+        "| encoder params | projector params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, config in configs.items():
+        counts = count_parameters(config)
+        text = config.text_config
+        decoder = f"{text.model_type} {text.num_hidden_layers}x{text.hidden_size}, vocab {text.vocab_size:,}"
+        rows.append(
+            f"| `{name}.json` | `{config.vision_model_name}` | {config.image_size} | {config.num_image_tokens} "
+            f"| {config.vision_feature_dim} | {config.projector_type} | {decoder} | {counts['total']:,} "
+            f"| {counts['vision_tower']:,} | {counts['multi_modal_projector']:,} |"
+        )
+    return "\n".join(rows)
+
+
+README_HEAD = """# configuration/
+
+What `CNNGemmaConfig.to_json_file()` writes for each shipped variant; regenerate with
+`python scripts/make_configs.py` (a test fails when a file is out of date). Model shape lives here;
+learning rates, steps and LoRA settings are `train_hf.py` flags.
+
+- The four full configs are the report's variants: a timm ImageNet CNN at 224 px and the Gemma-2B decoder of
+  PaliGemma-3B (vocabulary 257,216 with `<image>` = 257152).
+- `tiny.json` is for tests and the CPU demo: `mobilenetv3_small_050` at 128 px (a 4x4 map, 16 tokens) and a
+  2-layer, 128-wide Gemma with a 1,024-token vocabulary (`<image>` = 4, see `build_caption_tokenizer`).
+
+Parameter counts are measured by building each model on the meta device (`scripts/make_configs.py`); the tied
+`lm_head` is counted once. The vision tower excludes the unused classifier head.
+
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="Only compare; exit 1 when a JSON file is stale.")
+    args = parser.parse_args()
+    configs = build_configs()
+    stale = []
+    for name, config in configs.items():
+        path = CONFIG_DIR / f"{name}.json"
+        text = config_json(config)
+        if args.check:
+            if not path.exists() or _comparable(path.read_text()) != _comparable(text):
+                stale.append(path.name)
+        else:
+            path.write_text(text)
+    if args.check:
+        if stale:
+            print(f"Out of date: {', '.join(stale)}. Run: python scripts/make_configs.py", file=sys.stderr)
+            sys.exit(1)
+        print(f"{len(configs)} config files are up to date.")
+        return
+    (CONFIG_DIR / "README.md").write_text(README_HEAD + readme_table(configs) + "\n")
+    print(f"Wrote {len(configs)} configs and README.md to {CONFIG_DIR}")
+
+
+if __name__ == "__main__":
+    main()
