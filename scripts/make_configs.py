@@ -110,26 +110,29 @@ Parameter counts are measured by building each model on the meta device (`script
 """
 
 
+def stale_files(configs: dict[str, CNNGemmaConfig]) -> list[str]:
+    """Names of the JSON files in configuration/ that differ from what the code writes now."""
+    return [
+        f"{name}.json"
+        for name, config in configs.items()
+        if not (CONFIG_DIR / f"{name}.json").exists()
+        or _comparable((CONFIG_DIR / f"{name}.json").read_text()) != _comparable(config_json(config))
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="Only compare; exit 1 when a JSON file is stale.")
     args = parser.parse_args()
     configs = build_configs()
-    stale = []
-    for name, config in configs.items():
-        path = CONFIG_DIR / f"{name}.json"
-        text = config_json(config)
-        if args.check:
-            if not path.exists() or _comparable(path.read_text()) != _comparable(text):
-                stale.append(path.name)
-        else:
-            path.write_text(text)
     if args.check:
-        if stale:
+        if stale := stale_files(configs):
             print(f"Out of date: {', '.join(stale)}. Run: python scripts/make_configs.py", file=sys.stderr)
             sys.exit(1)
         print(f"{len(configs)} config files are up to date.")
         return
+    for name, config in configs.items():
+        config.to_json_file(CONFIG_DIR / f"{name}.json")
     (CONFIG_DIR / "README.md").write_text(README_HEAD + readme_table(configs) + "\n")
     print(f"Wrote {len(configs)} configs and README.md to {CONFIG_DIR}")
 
