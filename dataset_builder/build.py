@@ -120,7 +120,7 @@ def build(captions: str | Path, output: str | Path, images: str | Path | None = 
                 continue
             if check.converted_from:
                 image_checks[f"converted from {check.converted_from}"] += 1
-                problems.append((str(path), entry.record.line, f"converted: mode {check.converted_from} to RGB "
+                problems.append((str(path), entry.record.line, f"converted: {check.converted_from} to RGB "
                                  "(row kept)"))
             if check.downscaled_from:
                 image_checks["downscaled"] += 1

@@ -26,7 +26,7 @@ class ImageCheck:
     data: bytes | None
     problem: str | None = None  # reason for a dropped row, one of the BROKEN kinds followed by details
     kind: str | None = None  # "missing", "zero-byte", "unreadable", "truncated"
-    converted_from: str | None = None  # the source mode when the image was converted to RGB
+    converted_from: str | None = None  # "mode CMYK", "TIFF uint16 48x64x5": what was converted to RGB
     downscaled_from: tuple[int, int] | None = None
     size: tuple[int, int] | None = None
     sha256: str | None = None
@@ -110,11 +110,13 @@ def check_image(path: str | Path, max_side: int = 1024) -> ImageCheck:
             return ImageCheck(None, f"truncated: {message}", "truncated")
         fallback = _open_tiff_with_tifffile(data) if data[:4] in (b"II*\x00", b"MM\x00*") else None
         if fallback is None:
+            if isinstance(error, UnidentifiedImageError):
+                message = "cannot identify image file (not an image format Pillow reads)"
             return ImageCheck(None, f"unreadable: {type(error).__name__}: {message}", "unreadable")
         image, converted_from = fallback
         source_format, original_size = "TIFF", image.size
     else:
-        converted_from = None if image.mode == "RGB" else image.mode
+        converted_from = None if image.mode == "RGB" else f"mode {image.mode}"
         if image.mode != "RGB":
             image = _to_rgb(image)
     downscaled_from = None

@@ -98,13 +98,13 @@ def _decode(path: Path, raw: bytes) -> tuple[str, str]:
 
 
 def _missing_columns_error(path: Path, header: list[str], missing: list[str], expected: str) -> TableError:
-    unexpected = [name for name in header if name not in missing]
-    hints = []
+    hints, column = [], None
     for name in missing:
         close = difflib.get_close_matches(name, header, n=1, cutoff=0.5)
         if close:
-            hints.append(f"column {_column_label(header.index(close[0]), close[0])} looks like {name!r} renamed")
-    column = _column_label(header.index(unexpected[0]), unexpected[0]) if hints or unexpected else None
+            label = _column_label(header.index(close[0]), close[0])
+            hints.append(f"column {label} looks like {name!r} renamed")
+            column = column or label
     return TableError(path, 1, column, f"the header {header} has no column {', '.join(map(repr, missing))}"
                       + (f" ({'; '.join(hints)})" if hints else ""), expected,
                       "rename the header columns to the expected names")
