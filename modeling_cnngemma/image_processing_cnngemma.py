@@ -24,7 +24,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         full_scale = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
         array = np.clip(array / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        image = Image.fromarray(array, mode="L")
+        image = Image.fromarray(array)  # uint8 (H, W) -> mode L
     # L, LA, P, PA, RGBA, CMYK, YCbCr, 1: PIL knows the way; alpha is dropped, keeping the pixels under it
     return image.convert("RGB")
 

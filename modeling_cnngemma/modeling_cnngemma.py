@@ -390,7 +390,9 @@ class CNNGemmaForConditionalGeneration(CNNGemmaPreTrainedModel, GenerationMixin)
         if tokenizer is not None:
             if IMAGE_TOKEN not in tokenizer.get_vocab():
                 tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-                logger.info(f"Added {IMAGE_TOKEN} to the tokenizer as id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}.")
+                logger.info(
+                    f"Added {IMAGE_TOKEN} to the tokenizer as id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}."
+                )
             config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 token_id = getattr(tokenizer, name)
@@ -407,7 +409,14 @@ class CNNGemmaForConditionalGeneration(CNNGemmaPreTrainedModel, GenerationMixin)
                 _check_reachable(vision_pretrained, "vision_pretrained", must_be_local=True)
             else:
                 _check_reachable(f"timm/{config.vision_model_name}", "vision_pretrained")
-            pretrained_tower = build_vision_tower(config, pretrained=vision_pretrained)
+            try:
+                pretrained_tower = build_vision_tower(config, pretrained=vision_pretrained)
+            except RuntimeError as error:  # timm loads strictly; keep the head of torch's long key listing
+                detail = " ".join(line.strip() for line in str(error).splitlines()[:2])[:400]
+                raise ValueError(
+                    f"vision_pretrained={str(vision_pretrained)!r} does not fit {config.vision_model_name!r}: "
+                    f"{detail} Pass the weights of the architecture that vision_model_name names."
+                ) from error
             _load_strict(model.model.vision_tower, pretrained_tower.state_dict(), "vision tower")
         if lm_weights is not None:
             _load_strict(model.model.language_model, lm_weights, "language model")

@@ -4,12 +4,20 @@ Batches are left-padded so that generation continues every row from its last rea
 """
 
 import torch
+from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers.tokenization_utils_base import BatchEncoding
 
 from .image_processing_cnngemma import CNNGemmaImageProcessor
 
 IMAGE_TOKEN = "<image>"
+# For `apply_chat_template` and pipeline("image-text-to-text") chats: the prompt is the text of the user turns; the
+# processor places the image tokens itself, so the template only joins text.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages if message['role'] == 'user' -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{ item['text'] }}{%- endfor -%}"
+    "{%- endif -%}{%- endfor -%}"
+)
 
 
 class CNNGemmaProcessor(ProcessorMixin):
@@ -39,7 +47,7 @@ class CNNGemmaProcessor(ProcessorMixin):
         self.num_image_tokens = int(num_image_tokens)
         self.prompt_prefix = prompt_prefix
         self.image_token = IMAGE_TOKEN
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(
@@ -77,11 +85,17 @@ class CNNGemmaProcessor(ProcessorMixin):
             return_tensors: "pt" (default) or None for lists.
 
         Returns:
-            `BatchEncoding` with exactly `input_ids`, `attention_mask`, `pixel_values` (+ `labels` with a suffix).
+            `BatchFeature` with exactly `input_ids`, `attention_mask`, `pixel_values` (+ `labels` with a suffix).
         """
         if images is None:
             raise ValueError("CNNGemmaProcessor needs images: one PIL image or a list with one image per sample.")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
+        # apply_chat_template passes one list of images per conversation: CNNGemma takes exactly one per sample
+        for i, image in enumerate(images):
+            if isinstance(image, (list, tuple)):
+                if len(image) != 1:
+                    raise ValueError(f"images[{i}] holds {len(image)} images; CNNGemma takes one image per sample.")
+                images[i] = image[0]
         prompts = self._per_image(text if text is not None else self.prompt_prefix, len(images), "text")
         for i, prompt in enumerate(prompts):
             if IMAGE_TOKEN in prompt:
@@ -119,7 +133,8 @@ class CNNGemmaProcessor(ProcessorMixin):
         elif return_tensors is not None:
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None.")
         data["pixel_values"] = pixel_values
-        return BatchEncoding(data)
+        # BatchFeature, not BatchEncoding: pipelines call `.to(dtype=...)`, which casts pixel_values only
+        return BatchFeature(data)
 
     @staticmethod
     def _per_image(value, num_images: int, name: str, broadcast: bool = True) -> list[str]:

@@ -1,7 +1,7 @@
 """Regenerates configuration/*.json from CNNGemmaConfig and the parameter table in configuration/README.md.
 
-    python scripts/make_configs.py           # write the files
-    python scripts/make_configs.py --check   # exit 1 if any JSON file differs from what the code writes
+python scripts/make_configs.py           # write the files
+python scripts/make_configs.py --check   # exit 1 if any JSON file differs from what the code writes
 """
 
 import argparse

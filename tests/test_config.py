@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT
+
 from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration
 
 TINY_TEXT = json.loads((REPO_ROOT / "configuration" / "tiny.json").read_text())["text_config"]
@@ -70,7 +70,10 @@ def test_default_text_config_is_paligemma_gemma_2b():
     "kwargs,message",
     [
         ({"token_mode": "pooled"}, "token_mode='pooled' is not supported; expected one of ('single', 'multi')."),
-        ({"projector_type": "qformer"}, "projector_type='qformer' is not supported; expected one of ('linear', 'mlp')."),
+        (
+            {"projector_type": "qformer"},
+            "projector_type='qformer' is not supported; expected one of ('linear', 'mlp').",
+        ),
         (
             {"vision_model_name": "mobilenetv3_larg_100"},
             "vision_model_name='mobilenetv3_larg_100' is not a timm architecture. Did you mean "
@@ -112,8 +115,9 @@ def test_bad_values_raise_with_field_value_and_allowed(kwargs, message):
 
 
 def test_config_round_trips_and_recomputes_derived_fields(tmp_path):
-    config = CNNGemmaConfig(vision_model_name="efficientnet_b0", token_mode="multi", text_config=TINY_TEXT,
-                            image_token_id=4)
+    config = CNNGemmaConfig(
+        vision_model_name="efficientnet_b0", token_mode="multi", text_config=TINY_TEXT, image_token_id=4
+    )
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     saved["num_image_tokens"] = 7  # a hand-edited derived value is ignored: the encoder decides

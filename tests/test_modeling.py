@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_tiny_model, random_images, synthetic_captions
+
 from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration
 
 
@@ -160,12 +160,29 @@ def test_image_tokens_without_pixel_values_error(tiny_model, processor):
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
 def test_other_gemma_family_decoders(model_type, processor, tiny_config):
-    text = {k: v for k, v in tiny_config.text_config.to_dict().items() if k in (
-        "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-        "head_dim", "vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")}
+    text = {
+        k: v
+        for k, v in tiny_config.text_config.to_dict().items()
+        if k
+        in (
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+        )
+    }
     config = CNNGemmaConfig(
-        vision_model_name=tiny_config.vision_model_name, image_size=tiny_config.image_size, token_mode="multi",
-        text_config={"model_type": model_type, **text}, image_token_id=4,
+        vision_model_name=tiny_config.vision_model_name,
+        image_size=tiny_config.image_size,
+        token_mode="multi",
+        text_config={"model_type": model_type, **text},
+        image_token_id=4,
     )
     model = make_tiny_model(config)
     inputs = processor(images=random_images(2, seed=7), suffix=synthetic_captions(2, seed=7))

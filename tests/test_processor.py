@@ -1,0 +1,150 @@
+"""CNNGemmaProcessor, CNNGemmaImageProcessor and the caption tokenizer."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_images, synthetic_captions
+from PIL import Image
+from transformers import AutoTokenizer
+
+from modeling_cnngemma import CNNGemmaImageProcessor, CNNGemmaProcessor, build_caption_tokenizer
+
+MODES = ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "1"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_pil_mode_becomes_normalised_rgb(mode, processor):
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)  # uint16 -> I;16
+    else:
+        image = base.convert(mode)
+    assert image.mode == mode
+    pixel_values = processor.image_processor(image)["pixel_values"]
+    assert pixel_values.shape == (1, 3, 128, 128) and pixel_values.dtype == torch.float32
+    assert torch.isfinite(pixel_values).all()
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    image_processor = CNNGemmaImageProcessor(size=32, image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    grey = np.full((32, 32), 128 * 257, dtype=np.uint16)  # mid-grey in 16 bits
+    pixel_values = image_processor(Image.fromarray(grey))["pixel_values"]
+    torch.testing.assert_close(pixel_values, torch.full((1, 3, 32, 32), 128 / 255))
+
+
+def test_resize_keeps_the_whole_image_no_centre_crop():
+    image_processor = CNNGemmaImageProcessor(size=64, resample="nearest", image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    array = np.zeros((100, 100, 3), dtype=np.uint8)
+    array[:10, :10] = 255  # a white top-left corner, which a 0.875 centre crop would cut away
+    pixel_values = image_processor(Image.fromarray(array))["pixel_values"][0]
+    assert pixel_values[:, :6, :6].min() == 1.0 and pixel_values[:, 10:, 10:].max() == 0.0
+
+
+def test_image_processor_follows_timm_pretrained_config():
+    image_processor = CNNGemmaImageProcessor.from_timm("efficientnet_b0", 224)
+    assert (image_processor.size, image_processor.resample) == (224, "bicubic")
+    assert image_processor.image_mean == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_prompt_layout_labels_and_left_padding(processor, tokenizer):
+    captions = ["two red planes", "one ship in the top left of the harbour"]
+    batch = processor(images=random_images(2), suffix=captions)
+    assert list(batch.keys()) == ["input_ids", "attention_mask", "labels", "pixel_values"]
+    prompt_ids = tokenizer("caption en\n", add_special_tokens=False)["input_ids"]
+    for row, caption in enumerate(captions):
+        ids, mask, labels = (batch[k][row].tolist() for k in ("input_ids", "attention_mask", "labels"))
+        start = mask.index(1)
+        assert mask == [0] * start + [1] * (len(mask) - start)  # left-padded
+        assert ids[:start] == [tokenizer.pad_token_id] * start
+        caption_ids = tokenizer(caption, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert ids[start:] == [4] * 16 + [tokenizer.bos_token_id] + prompt_ids + caption_ids
+        assert labels == [-100] * (len(ids) - len(caption_ids)) + caption_ids
+    assert batch["pixel_values"].shape == (2, 3, 128, 128)
+
+
+def test_generation_inputs_have_no_labels_and_use_the_config_prefix(processor, tokenizer):
+    batch = processor(images=random_images(1))
+    assert list(batch.keys()) == ["input_ids", "attention_mask", "pixel_values"]
+    assert tokenizer.decode(batch["input_ids"][0, 16:]) == "<bos>caption en\n"
+
+
+def test_text_with_image_token_is_refused(processor):
+    with pytest.raises(ValueError) as error:
+        processor(images=random_images(1), text="<image>caption en")
+    assert str(error.value) == (
+        "text[0]='<image>caption en' contains <image>; the processor inserts the 16 <image> tokens itself. "
+        "Pass only the prompt, e.g. 'caption en'."
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"text": ["a", "b", "c"]}, "Got 3 text entries for 2 images; pass one per image."),
+        ({"suffix": "one caption"}, "Got one suffix string for 2 images; pass a list with one suffix per image."),
+        ({"images": None}, "CNNGemmaProcessor needs images: one PIL image or a list with one image per sample."),
+    ],
+)
+def test_mismatched_inputs_are_refused(processor, kwargs, message):
+    kwargs = {"images": random_images(2), **kwargs}
+    with pytest.raises(ValueError) as error:
+        processor(**kwargs)
+    assert str(error.value) == message
+
+
+def test_non_image_input_is_refused(processor):
+    with pytest.raises(TypeError, match="Expected a PIL image or a uint8 numpy array .*got str"):
+        processor(images=["/path/to/image.jpg"])
+
+
+def test_post_processing_strips_the_prompt(processor, tokenizer):
+    batch = processor(images=random_images(2))
+    caption_ids = tokenizer(["two red planes", "a ship"], add_special_tokens=False)["input_ids"]
+    width = max(len(c) for c in caption_ids) + 1
+    generated = torch.tensor(
+        [c + [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (width - len(c) - 1) for c in caption_ids]
+    )
+    sequences = torch.cat([batch["input_ids"], generated], dim=1)
+    expected = ["two red planes", "a ship"]
+    assert processor.post_process_image_text_to_text(sequences, input_ids=batch["input_ids"]) == expected
+    assert processor.post_process_image_text_to_text(sequences) == expected
+
+
+def test_processor_refuses_a_tokenizer_that_does_not_match_the_config(tiny_config, tokenizer):
+    config = type(tiny_config).from_dict({**tiny_config.to_dict(), "image_token_id": 5})
+    with pytest.raises(ValueError, match=r"config.image_token_id=5 but the tokenizer's <image> id is 4"):
+        CNNGemmaProcessor.from_model_config(config, tokenizer)
+
+
+def test_caption_tokenizer_ids_round_trip_and_reload(tmp_path):
+    tokenizer = build_caption_tokenizer(synthetic_captions(300), vocab_size=400)
+    assert len(tokenizer) <= 400
+    assert [tokenizer.convert_tokens_to_ids(t) for t in ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    ids = tokenizer("caption en\n")["input_ids"]
+    assert tokenizer.bos_token_id not in ids and tokenizer.eos_token_id not in ids  # nothing added automatically
+    assert tokenizer.decode(ids) == "caption en\n"
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded("caption en\n")["input_ids"] == ids
+    assert reloaded.decode(ids) == "caption en\n"
+    assert reloaded.convert_tokens_to_ids("<image>") == 4
+
+
+def test_caption_tokenizer_refuses_a_tiny_vocabulary():
+    with pytest.raises(ValueError, match="vocab_size=100 is too small: a byte-level BPE needs at least 261 tokens."):
+        build_caption_tokenizer(["a"], vocab_size=100)
+
+
+def test_processor_save_and_reload_round_trips(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    reloaded = CNNGemmaProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    images, captions = random_images(2), ["two ships", "a plane"]
+    original, again = processor(images=images, suffix=captions), reloaded(images=images, suffix=captions)
+    assert all(torch.equal(original[k], again[k]) for k in original)
+    assert (reloaded.num_image_tokens, reloaded.prompt_prefix) == (16, "caption en")
