@@ -110,13 +110,13 @@ def _write_report(folder: Path, rows: list[tuple[str, str, str, float]], pairs: 
         writer = csv.writer(file, lineterminator="\n")
         writer.writerow(["split", "image_id", "caption", "clip_score"])
         writer.writerows([*rows[k][:3], f"{rows[k][3]:.4f}"] for k in worst)
+    raw = {split: grouped.cast_column("image", datasets.Image(decode=False)) for split, grouped in pairs.items()}
+    row_of = {(split, image_id): row for split, grouped in pairs.items()
+              for row, image_id in enumerate(grouped["image_id"])}
     examples = []
     for k in worst:
         split, image_id, caption, score = rows[k]
-        grouped = pairs[split]
-        row = grouped["image_id"].index(image_id)
-        examples.append((_decode(grouped.cast_column("image", datasets.Image(decode=False))[row]["image"]),
-                         f"{score:.3f} {image_id}: {caption}"))
+        examples.append((_decode(raw[split][row_of[split, image_id]]["image"]), f"{score:.3f} {image_id}: {caption}"))
     write_grid(examples, folder / "lowest.png", cell=160)
 
 

@@ -39,15 +39,15 @@ SUPERSAMPLE = 2  # draw at twice the size and downsample: smooth edges at no cos
 COUNTED = {
     "airport": dict(noun="plane", verb="parked", colours=("white", "red", "blue", "yellow"), length=0.19,
                     oriented=True, place="airport"),
-    "harbour": dict(noun="ship", verb="moored", colours=("white", "red", "yellow", "black"), length=0.19,
+    "harbour": dict(noun="ship", verb="moored", colours=("white", "red", "yellow", "orange"), length=0.19,
                     oriented=True, place="harbour"),
     "parking lot": dict(noun="car", verb="parked", colours=("red", "blue", "white", "yellow"), length=0.11,
                         oriented=True, place="parking lot"),
     "storage tanks": dict(noun="storage tank", verb="standing", colours=("white", "blue", "red", "green"),
                           length=0.12, oriented=False, place="industrial area"),
-    "sparse residential": dict(noun="house", verb="standing", colours=("red", "blue", "orange", "grey"),
+    "sparse residential": dict(noun="house", verb="standing", colours=("red", "blue", "orange", "white"),
                                length=0.12, oriented=False, place="residential area"),
-    "beach": dict(noun="umbrella", verb="standing", colours=("red", "blue", "yellow", "orange"), length=0.1,
+    "beach": dict(noun="umbrella", verb="standing", colours=("red", "blue", "green", "orange"), length=0.1,
                   oriented=False, place="beach"),
 }
 SCENES = (*COUNTED, "dense residential", "farmland", "forest", "river", "bridge", "desert", "ground track field")
