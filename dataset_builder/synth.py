@@ -243,7 +243,8 @@ def _counted_captions(facts: dict) -> list[str]:
     be = "is" if n == 1 else "are"
     number, colour, place = NUMBERS[n - 1], facts["colour"], facts["place"]
     pp = POSITIONS[facts["position"]][1]
-    extra = f" next to the sea on the {facts['sea']}" if facts["sea"] else ""
+    sea_side = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+    extra = f" next to the sea {sea_side[facts['sea']]}" if facts["sea"] else ""
     article = "an" if place[0] in "aeiou" else "a"
     templates = [
         f"there {be} {number} {colour} {noun} {pp} of the {place}{extra} .",
@@ -469,7 +470,7 @@ def write_grid(examples, path: str | Path, cell: int = 224, columns: int = 4) ->
         x = 8 + (k % columns) * (cell + 8)
         y = 8 + (k // columns) * (cell + text_height + 8)
         sheet.paste(image.resize((cell, cell)), (x, y))
-        draw.multiline_text((x, y + cell + 3), "\n".join(textwrap.wrap(caption, 30)[:4]), fill=(0, 0, 0), font=font)
+        draw.multiline_text((x, y + cell + 3), "\n".join(textwrap.wrap(caption, cell // 7)[:4]), fill=(0, 0, 0), font=font)
     sheet.save(path)
 
 
