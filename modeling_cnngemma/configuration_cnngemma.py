@@ -59,6 +59,9 @@ class CNNGemmaConfig(PreTrainedConfig):
         projector_type (`str`): `"linear"` (one Linear) or `"mlp"` (Linear-GELU-Linear).
         image_token_id (`int`): id of the `<image>` placeholder token.
         prompt_prefix (`str`): the default prompt the processor puts before the caption.
+        vision_channels_last (`bool`): run the CNN in channels_last (NHWC) memory format, weights and input. Same
+            outputs up to float rounding (checked in tests/test_fast_paths.py), measured 1.7-2.1x faster on CPU
+            (benchmarks/); set False for the plain NCHW path.
 
     Derived (measured on the meta device, never read from kwargs): `vision_feature_dim`, `vision_grid`,
     `num_image_tokens`.
@@ -91,6 +94,7 @@ class CNNGemmaConfig(PreTrainedConfig):
     projector_type: str = "linear"
     image_token_id: int = PALIGEMMA_IMAGE_TOKEN_ID
     prompt_prefix: str = "caption en"
+    vision_channels_last: bool = True
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 
@@ -122,6 +126,10 @@ class CNNGemmaConfig(PreTrainedConfig):
             raise ValueError(
                 f"vision_model_name={self.vision_model_name!r} is not a timm architecture.{hint} "
                 "See timm.list_models() for the names timm knows."
+            )
+        if not isinstance(self.vision_channels_last, bool):
+            raise ValueError(
+                f"vision_channels_last={self.vision_channels_last!r} must be a bool (True: NHWC fast path, False: NCHW)."
             )
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
             raise ValueError(f"image_size={self.image_size!r} must be a positive int (pixels of the square input).")

@@ -132,6 +132,16 @@ class CNNGemmaPreTrainedModel(PreTrainedModel):
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
+        # Loading swaps in the checkpoint's NCHW tensors, undoing the channels_last conversion made in __init__.
+        for module in model.modules():
+            if isinstance(module, CNNGemmaModel):
+                module.apply_vision_memory_format()
+        return loaded
+
 
 class CNNGemmaModel(CNNGemmaPreTrainedModel):
     """The timm CNN, the projector and the Gemma-family decoder, without a language-modelling head."""
@@ -143,6 +153,7 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
         # conv and reset the BatchNorm statistics, so post_init() is told to skip it.
         for module in self.vision_tower.modules():
             module._is_hf_initialized = True
+        self.apply_vision_memory_format()
         # The tower is not a PreTrainedModel, so device_map="auto" must be told to keep it on one device.
         self._no_split_modules = [*self._no_split_modules, type(self.vision_tower).__name__]
         self.multi_modal_projector = CNNGemmaMultiModalProjector(config)
@@ -155,9 +166,16 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
+    def apply_vision_memory_format(self):
+        """Puts the CNN's conv weights in the memory format `config.vision_channels_last` asks for."""
+        memory_format = torch.channels_last if self.config.vision_channels_last else torch.contiguous_format
+        self.vision_tower.to(memory_format=memory_format)
+
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """Projected image features of shape (B, num_image_tokens, hidden_size)."""
-        pixel_values = pixel_values.to(dtype=next(self.vision_tower.parameters()).dtype)
+        # channels_last: oneDNN / cuDNN convs run NHWC natively, NCHW pays layout conversions (benchmarks/)
+        memory_format = torch.channels_last if self.config.vision_channels_last else torch.contiguous_format
+        pixel_values = pixel_values.to(dtype=next(self.vision_tower.parameters()).dtype, memory_format=memory_format)
         feature_map = self.vision_tower.forward_features(pixel_values)  # (B, C, H, W)
         if self.config.token_mode == "single":
             features = feature_map.mean(dim=(2, 3)).unsqueeze(1)  # (B, C, H, W) -> (B, 1, C)
