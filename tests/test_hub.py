@@ -1,0 +1,399 @@
+"""push_to_hub.py: the dry-run folder loads alone as remote code, the card carries the metrics, and the push path
+(one commit, exact files, errors, no token anywhere) runs against a local stand-in for HfApi."""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT, TINY_CONFIG, make_tiny_model, random_images, synthetic_captions
+
+import push_to_hub
+
+FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefghijklmnop"
+UPSTREAM = "upstream/cnngemma--"
+METRICS = dict(bleu_1=0.61, bleu_2=0.45, bleu_3=0.33, bleu_4=0.25, meteor=0.28, rouge_l=0.52, cider=1.234)
+UPLOADED_FILES = {
+    "README.md",
+    "chat_template.jinja",
+    "config.json",
+    "configuration_cnngemma.py",
+    "generation_config.json",
+    "image_processing_cnngemma.py",
+    "metrics.json",
+    "model.safetensors",
+    "modeling_cnngemma.py",
+    "processing_cnngemma.py",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+def write_metrics(folder: Path, step: int = 3):
+    final = {"split": "test", "step": step, "num_images": 4, **METRICS}
+    history = [{**final, "split": "validation", "step": step - 1, "cider": 0.9}]
+    (folder / "metrics.json").write_text(json.dumps({**final, "history": history}))
+
+
+def add_upstream_references(folder: Path):
+    """What a fine-tune of a Hub model can carry: auto_map entries that point back at the upstream repo."""
+    for name in ("config.json", "processor_config.json", "tokenizer_config.json"):
+        data = json.loads((folder / name).read_text())
+        for holder in (data, data.get("image_processor", {})):
+            if "auto_map" in holder:
+                holder["auto_map"] = {key: UPSTREAM + value for key, value in holder["auto_map"].items()}
+        (folder / name).write_text(json.dumps(data, indent=2))
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def run_main(argv, api=None):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = push_to_hub.main([str(a) for a in argv], api=api)
+    return code, out.getvalue(), err.getvalue()
+
+
+class CommitInfo:
+    def __init__(self, repo_id, number):
+        self.oid = f"{number:040x}"
+        self.commit_url = f"https://huggingface.co/{repo_id}/commit/{self.oid}"
+
+
+class StandInApi:
+    """Records what push_to_hub.py asks of HfApi; `upload_folder` lists the folder while it still exists."""
+
+    def __init__(self, fail_with: Exception | None = None):
+        self.calls, self.uploads, self.fail_with = [], [], fail_with
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        if self.fail_with is not None:
+            raise self.fail_with
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        self.calls.append(("upload_folder", repo_id, kwargs))
+        files = {str(p.relative_to(folder_path)): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+        self.uploads.append((repo_id, files))
+        return CommitInfo(repo_id, len(self.uploads))
+
+    def upload_file(self, *, repo_id, path_in_repo, **kwargs):
+        self.calls.append(("upload_file", repo_id, {"path_in_repo": path_in_repo, **kwargs}))
+
+    def whoami(self):
+        return {"name": "me"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_config, processor):
+    """A train_hf.py-like output: the tiny model after a few AdamW steps, its processor, metrics and flags."""
+    model = make_tiny_model(tiny_config)
+    initial = model.multi_modal_projector.linear.weight.detach().clone()
+    batch = processor(images=random_images(2), suffix=synthetic_captions(2, seed=1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(2):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert not torch.equal(initial, model.multi_modal_projector.linear.weight)
+    folder = tmp_path_factory.mktemp("trained")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    write_metrics(folder)
+    flags = {"config": "configuration/tiny.json", "learning_rate": 1e-3, "max_steps": 2, "hub_token": FAKE_TOKEN}
+    (folder / "train_args.json").write_text(json.dumps(flags))
+    add_upstream_references(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def dry_run(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dry") / "upload"
+    code, stdout, stderr = run_main(
+        ["--model_dir", trained[1], "--repo_id", "me/cnngemma-tiny", "--dry_run", out, "--max_shard_size", "2MB"]
+    )
+    assert code == 0, stderr
+    return out, stdout + stderr
+
+
+CHILD = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockRepo(importlib.abc.MetaPathFinder):
+        # The repo is pip-installed in editable mode: only the folder's own files may be used.
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("modeling_cnngemma", "dataset_builder", "push_to_hub"):
+                raise ImportError(f"{name} must not be imported when loading from the folder")
+
+    sys.meta_path.insert(0, BlockRepo())
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    folder, images, out = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(images=[Image.open(path) for path in images])
+    with torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    # the transformers pipeline, from the folder alone, as plain prompt and as a chat
+    pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+    image = Image.open(images[0])
+    plain = pipe(images=image, text="caption en", max_new_tokens=10, do_sample=False, return_full_text=False)
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "caption en"}]}]
+    answer = pipe(text=chat, max_new_tokens=10, do_sample=False)[0]["generated_text"][-1]
+    json.dump({
+        "tokens": tokens.tolist(),
+        "pipeline_plain": plain[0]["generated_text"],
+        "pipeline_chat": answer,
+        "model_module": type(model).__module__,
+        "processor_module": type(processor).__module__,
+        "repo_modules": sorted(m for m in sys.modules if m.split(".")[0] in ("modeling_cnngemma", "dataset_builder")),
+    }, open(out, "w"))
+    """
+)
+
+
+def test_dry_run_folder_loads_alone_in_a_fresh_process_with_identical_tokens_and_pipeline(trained, processor, dry_run, tmp_path):
+    model, _ = trained
+    folder, _ = dry_run
+    assert (folder / "model.safetensors.index.json").is_file()  # --max_shard_size 2MB splits the 3.4 MB weights
+    images = random_images(2, seed=11)
+    paths = [tmp_path / f"image{i}.png" for i in range(2)]
+    for image, path in zip(images, paths, strict=True):
+        image.save(path)
+    script, result = tmp_path / "child.py", tmp_path / "result.json"
+    script.write_text(CHILD)
+    outside = tmp_path / "cwd"
+    outside.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "HF_TOKEN")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "fresh-hf-home"))
+    subprocess.run(
+        [sys.executable, str(script), str(folder), *map(str, paths), str(result)],
+        cwd=outside, env=env, check=True, capture_output=True, timeout=120,
+    )
+    child = json.loads(result.read_text())
+    assert REPO_ROOT not in outside.parents
+    assert child["repo_modules"] == []
+    assert child["model_module"].startswith("transformers_modules.")
+    assert child["processor_module"].startswith("transformers_modules.")
+    inputs = processor(images=images)
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert child["tokens"] == expected.tolist()
+    caption = processor.post_process_image_text_to_text(expected[:1], input_ids=inputs["input_ids"][:1])[0]
+    assert caption
+    assert child["pipeline_plain"].strip() == caption
+    assert child["pipeline_chat"] == {"role": "assistant", "content": caption}
+
+
+def test_auto_map_is_local_and_the_card_carries_the_metrics(trained, dry_run):
+    folder, output = dry_run
+    files = {p.name for p in folder.iterdir()}
+    shards = {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"}
+    assert files == (UPLOADED_FILES - {"model.safetensors"}) | shards
+    for name in files:  # the listing printed by --dry_run names every file with its size
+        assert f"{(folder / name).stat().st_size:,}  {name}" in output
+    # the trained folder's upstream references ("owner/repo--module.Class") are gone from every config file
+    assert UPSTREAM in (trained[1] / "processor_config.json").read_text()
+    maps = {}
+    for path in folder.glob("*.json"):
+        text = path.read_text()
+        assert "--" not in text.replace("--->", ""), path.name
+        data = json.loads(text)
+        for holder in (data, data.get("image_processor", {}) if isinstance(data, dict) else {}):
+            for key, reference in (holder.get("auto_map") or {}).items():
+                assert (folder / (reference.rsplit(".", 1)[0] + ".py")).is_file(), reference
+                maps[(path.name, key)] = reference
+    assert maps[("config.json", "AutoModelForImageTextToText")] == "modeling_cnngemma.CNNGemmaForConditionalGeneration"
+    assert maps[("config.json", "AutoConfig")] == "configuration_cnngemma.CNNGemmaConfig"
+    assert maps[("config.json", "AutoModel")] == "modeling_cnngemma.CNNGemmaModel"
+    assert maps[("processor_config.json", "AutoProcessor")] == "processing_cnngemma.CNNGemmaProcessor"
+    assert "is_local" not in (folder / "tokenizer_config.json").read_text()
+
+    card = (folder / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-text-to-text"
+    assert {"remote-sensing", "image-captioning"} <= set(meta["tags"])
+    assert meta["license"] == "apache-2.0"  # the tiny decoder holds no Gemma weights
+    scores = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert scores == {"BLEU-1": 0.61, "BLEU-2": 0.45, "BLEU-3": 0.33, "BLEU-4": 0.25, "METEOR": 0.28,
+                      "ROUGE-L": 0.52, "CIDEr": 1.234}
+    assert meta["model-index"][0]["results"][0]["dataset"]["split"] == "test"
+    for text in ("| mobilenet_multi | 4 | 0.6100 |", "trust_remote_code=True", "revision=revision", "`max_steps`",
+                 "transformers>=5.24,<6", "RSICD", "UCM-Captions", "NWPU-Captions", "@misc{cnngemma"):
+        assert text in body, text
+    assert json.loads((folder / "metrics.json").read_text())["cider"] == 1.234
+    # train_args.json held a token-like flag: it is neither shown nor written
+    assert all(FAKE_TOKEN.encode() not in p.read_bytes() for p in folder.iterdir())
+    assert "hub_token" not in card and FAKE_TOKEN not in output
+
+
+def test_push_makes_one_commit_with_the_exact_files_and_never_shows_the_token(trained, tmp_path):
+    folder = trained[1]
+    before = snapshot(folder)
+    api = StandInApi()
+    code, stdout, stderr = run_main(
+        ["--model_dir", folder, "--repo_id", "me/cnngemma-tiny", "--revision", "v1", "--token", FAKE_TOKEN], api
+    )
+    assert code == 0, stderr
+    assert [call[:2] for call in api.calls] == [
+        ("create_repo", "me/cnngemma-tiny"), ("create_branch", "me/cnngemma-tiny"), ("upload_folder", "me/cnngemma-tiny")
+    ]
+    assert api.calls[0][2] == {"private": False, "exist_ok": True}
+    assert api.calls[2][2]["revision"] == "v1"
+    (repo_id, files), = api.uploads
+    assert set(files) == UPLOADED_FILES
+    assert all(FAKE_TOKEN.encode() not in content for content in files.values())
+    oid = f"{1:040x}"
+    assert f"https://huggingface.co/me/cnngemma-tiny/commit/{oid}" in stdout
+    assert f"from_pretrained('me/cnngemma-tiny', revision='{oid}', trust_remote_code=True)" in stdout
+    assert FAKE_TOKEN not in stdout + stderr
+    assert snapshot(folder) == before
+
+
+def test_offline_no_token_and_hub_errors_are_one_line_and_change_nothing(trained, tmp_path, monkeypatch):
+    folder = trained[1]
+    before = snapshot(folder)
+    base = ["--model_dir", folder, "--repo_id", "me/cnngemma-tiny"]
+    # the real HfApi path, offline (HF_HUB_OFFLINE=1 is set for every test)
+    code, stdout, stderr = run_main([*base, "--token", FAKE_TOKEN])
+    assert code == 1 and stdout == "" and stderr.count("\n") == 1
+    assert stderr.startswith("push_to_hub.py: error: the Hub cannot be reached: offline mode is on (HF_HUB_OFFLINE=1)")
+    # no token anywhere (env or login file in the temporary HF_HOME)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    code, _, stderr = run_main(base, StandInApi())
+    assert code == 1 and stderr == (
+        "push_to_hub.py: error: no Hub token: pass --token, set HF_TOKEN, or run `hf auth login`. Nothing was changed.\n"
+    )
+    # a network failure whose message even quotes the token
+    api = StandInApi(fail_with=ConnectionError(f"Max retries exceeded (Authorization: Bearer {FAKE_TOKEN})\nmore"))
+    code, stdout, stderr = run_main([*base, "--token", FAKE_TOKEN], api)
+    assert code == 1 and stderr.count("\n") == 1 and FAKE_TOKEN not in stdout + stderr
+    assert stderr.startswith("push_to_hub.py: error: create_repo me/cnngemma-tiny failed: ConnectionError: Max retries")
+    assert "Nothing local was changed" in stderr and api.uploads == []
+    # a missing folder is not taken for a Hub id
+    code, _, stderr = run_main(["--model_dir", tmp_path / "nope", "--dry_run", tmp_path / "dry"])
+    assert code == 1 and "no such folder" in stderr and not (tmp_path / "dry").exists()
+    assert snapshot(folder) == before
+
+
+def make_variant(folder: Path, vision_model_name: str, token_mode: str, tokenizer):
+    from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration, CNNGemmaProcessor
+
+    data = json.loads(TINY_CONFIG.read_text())
+    data.update(vision_model_name=vision_model_name, token_mode=token_mode)
+    data["text_config"]["vocab_size"] = len(tokenizer)
+    config = CNNGemmaConfig.from_dict(data)
+    CNNGemmaForConditionalGeneration(config).save_pretrained(folder)
+    CNNGemmaProcessor.from_model_config(config, tokenizer).save_pretrained(folder)
+    write_metrics(folder)
+
+
+def test_all_pushes_four_variants_and_an_index(tmp_path, tokenizer):
+    root = tmp_path / "runs"
+    for name in push_to_hub.VARIANTS:
+        encoder, tokens = name.split("_")
+        make_variant(root / name, "mobilenetv3_small_050" if encoder == "mobilenet" else "test_efficientnet", tokens,
+                     tokenizer)
+    api = StandInApi()
+    code, stdout, stderr = run_main(["--all", root, "--namespace", "me", "--token", FAKE_TOKEN], api)
+    assert code == 0, stderr
+    expected = ["me/cnngemma-mobilenet-single", "me/cnngemma-mobilenet-multi", "me/cnngemma-efficientnet-single",
+                "me/cnngemma-efficientnet-multi"]
+    assert [repo for repo, _ in api.uploads] == [*expected, "me/cnngemma"]
+    for repo, files in api.uploads[:4]:
+        assert set(files) == UPLOADED_FILES
+        encoder, tokens = repo.split("-")[1:]
+        assert f"**Variant `{encoder}_{tokens}`:**" in files["README.md"].decode()
+    index = api.uploads[4][1]
+    assert set(index) == {"README.md"}
+    assert all(f"[`{repo}`](https://huggingface.co/{repo})" in index["README.md"].decode() for repo in expected)
+    assert FAKE_TOKEN not in stdout + stderr
+    # a folder whose config is another variant is refused before anything is sent
+    shutil.move(root / "mobilenet_single", root / "tmp")
+    shutil.move(root / "mobilenet_multi", root / "mobilenet_single")
+    shutil.move(root / "tmp", root / "mobilenet_multi")
+    api = StandInApi()
+    code, _, stderr = run_main(["--all", root, "--namespace", "me", "--token", FAKE_TOKEN], api)
+    assert code == 1 and "is named mobilenet_single but its config.json is mobilenet_multi" in stderr
+    assert api.calls == []
+
+
+def test_dataset_dir_pushes_card_then_both_configs(tmp_path, monkeypatch):
+    import datasets
+
+    folder = tmp_path / "built"
+    rows = {"image_id": ["a.jpg", "b.jpg"], "caption": ["two planes", "a ship"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(folder))
+    grouped = {"image_id": ["a.jpg"], "captions": [["two planes", "planes"]]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(grouped)}).save_to_disk(str(folder / "grouped"))
+    (folder / "README.md").write_text("---\npretty_name: test\n---\n# card\n")
+    pushed = []
+    monkeypatch.setattr(
+        datasets.DatasetDict, "push_to_hub", lambda self, repo_id, **kw: pushed.append((repo_id, list(self), kw))
+    )
+    api = StandInApi()
+    code, stdout, stderr = run_main(["--dataset_dir", folder, "--dataset_repo_id", "me/riscm", "--token", FAKE_TOKEN],
+                                    api)
+    assert code == 0, stderr
+    assert [call[:2] for call in api.calls] == [("create_repo", "me/riscm"), ("upload_file", "me/riscm")]
+    assert api.calls[0][2]["repo_type"] == "dataset" and api.calls[1][2]["path_in_repo"] == "README.md"
+    assert [(repo, splits, kw.get("config_name")) for repo, splits, kw in pushed] == [
+        ("me/riscm", ["train"], None), ("me/riscm", ["train"], "grouped")
+    ]
+    assert "https://huggingface.co/datasets/me/riscm (train: 2 rows)" in stdout and FAKE_TOKEN not in stdout + stderr
+
+
+def test_merge_lora_uploads_merged_weights(trained, processor, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_cnngemma import CNNGemmaForConditionalGeneration
+
+    base_dir = tmp_path / "base"
+    trained[0].save_pretrained(base_dir)
+    base = CNNGemmaForConditionalGeneration.from_pretrained(base_dir)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)  # LoRA starts as a no-op; make the merge change the logits
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    base.config.save_pretrained(adapter)
+    processor.save_pretrained(adapter)
+    write_metrics(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+
+    code, _, stderr = run_main(["--model_dir", adapter, "--repo_id", "me/x", "--dry_run", tmp_path / "no"])
+    assert code == 1 and "Pass --merge_lora" in stderr
+    code, _, stderr = run_main(["--model_dir", adapter, "--merge_lora", "--dry_run", tmp_path / "merged"])
+    assert code == 0, stderr
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    merged = CNNGemmaForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    inputs = processor(images=random_images(2, seed=13))
+    with torch.no_grad():
+        expected, original = lora.eval()(**inputs).logits, trained[0](**inputs).logits
+        torch.testing.assert_close(merged(**inputs).logits, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, original, atol=1e-3)
