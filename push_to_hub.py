@@ -103,8 +103,10 @@ def load_model(model_dir: Path, merge_lora: bool, base_model_dir: str | None):
     if not adapter:
         if merge_lora:
             raise PushError(f"--merge_lora: {model_dir} holds no adapter_config.json; drop --merge_lora.")
-        if not has_weights:
-            raise PushError(f"--model_dir {model_dir}: no model.safetensors. Expected a train_hf.py output folder.")
+        if not has_weights or not (model_dir / "config.json").is_file():
+            raise PushError(
+                f"--model_dir {model_dir}: no config.json + model.safetensors. Expected a train_hf.py output folder."
+            )
         return CNNGemmaForConditionalGeneration.from_pretrained(model_dir, dtype="auto").eval()
     if not merge_lora:
         raise PushError(
@@ -207,7 +209,7 @@ def prepare_folder(model_dir, out: Path, args, repo_id: str) -> dict:
     """Writes the upload folder for one model into `out` (an empty folder); returns the card's facts."""
     from transformers import __version__ as transformers_version
 
-    model_dir = check_local_dir(model_dir, "--model_dir", ("config.json", "processor_config.json"))
+    model_dir = check_local_dir(model_dir, "--model_dir", ("processor_config.json", "tokenizer_config.json"))
     metrics = read_metrics(model_dir)
     train_args = read_train_args(model_dir)
     model = load_model(model_dir, args.merge_lora, args.base_model_dir)
