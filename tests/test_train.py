@@ -1,0 +1,274 @@
+"""train_hf.py: bad input stops before training, exact kill-and-resume, two CPU processes, LoRA round trip."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO_ROOT, make_tiny_model, random_images, synthetic_captions
+from safetensors.torch import load_file
+
+spec = importlib.util.spec_from_file_location("train_hf", REPO_ROOT / "train_hf.py")
+train_hf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_hf)
+
+FAST = ["--batch_size", "4", "--logging_steps", "2", "--report_to", "none", "--warmup_steps", "2", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """A 30-image synthetic set built by dataset_builder (train / validation / test)."""
+    from dataset_builder.build import build
+    from dataset_builder.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root / "raw", num_images=30, seed=3, size=64)
+    build(root / "raw" / "captions.csv", root / "dataset", images=root / "raw" / "resized", num_workers=1)
+    return root / "dataset"
+
+
+def run_train(*args, cwd, processes: int = 1, wait: bool = True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        command = [sys.executable, str(REPO_ROOT / "train_hf.py")]
+    else:  # shared/NOTES.md: on a CPU-only machine only --multi_gpu starts two processes (gloo)
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29517",
+            str(REPO_ROOT / "train_hf.py"),
+        ]
+    command += [str(a) for a in args]
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_kill_and_resume_gives_bitwise_identical_weights(tmp_path, tiny_dataset):
+    common = [
+        "--dataset",
+        tiny_dataset,
+        *FAST,
+        "--max_steps",
+        "12",
+        "--checkpointing_steps",
+        "4",
+        "--checkpoints_total_limit",
+        "3",
+        "--no_eval",
+        "--augment",
+    ]
+    straight = run_train(*common, "--output_dir", tmp_path / "straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    process = run_train(*common, "--output_dir", killed_dir, cwd=tmp_path, wait=False)
+    deadline = time.monotonic() + 300
+    while not (killed_dir / "checkpoints" / "step_000004").is_dir():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoints = sorted(p.name for p in (killed_dir / "checkpoints").iterdir())
+    assert checkpoints[-1] < "step_000012" and not (killed_dir / "model.safetensors").exists(), checkpoints
+
+    resumed = run_train(*common, "--output_dir", killed_dir, "--resume_from_checkpoint", "latest", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {killed_dir / 'checkpoints' / checkpoints[-1]}" in resumed.stdout
+    expected, actual = (
+        load_file(tmp_path / "straight" / "model.safetensors"),
+        load_file(killed_dir / "model.safetensors"),
+    )
+    assert expected.keys() == actual.keys()
+    different = [k for k in expected if not torch.equal(expected[k], actual[k])]
+    assert different == []
+    # the run trained: weights moved away from a fresh initialisation
+    assert not torch.equal(
+        expected["model.multi_modal_projector.linear.weight"], make_tiny_model_projector(tiny_dataset)
+    )
+
+
+def make_tiny_model_projector(tiny_dataset):
+    from modeling_cnngemma import CNNGemmaConfig
+
+    torch.manual_seed(7)
+    config = CNNGemmaConfig.from_json_file(REPO_ROOT / "configuration" / "tiny.json")
+    return make_tiny_model(config, seed=7).model.multi_modal_projector.linear.weight.detach()
+
+
+def test_two_cpu_processes_score_each_image_once(tmp_path, tiny_dataset):
+    result = run_train(
+        "--dataset",
+        tiny_dataset,
+        *FAST,
+        "--max_steps",
+        "4",
+        "--checkpointing_steps",
+        "4",
+        "--skip_baselines",
+        "--eval_batch_size",
+        "2",
+        "--max_new_tokens",
+        "8",
+        "--output_dir",
+        tmp_path / "ddp",
+        cwd=tmp_path,
+        processes=2,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 process(es) on cpu" in result.stdout
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "predictions.jsonl").read_text().splitlines()]
+    from datasets import load_from_disk
+
+    test_images = set(load_from_disk(str(tiny_dataset))["test"]["image_id"])
+    assert len(metrics["images_per_process"]) == 2 and min(metrics["images_per_process"]) > 0
+    assert sorted(r["image_id"] for r in rows) == sorted(test_images)  # each image exactly once
+    assert metrics["num_images"] == len(test_images) and metrics["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_000004"]
+    assert set(train_hf.METRIC_KEYS) <= set(metrics) and len(metrics["history"]) == 1
+
+
+def test_lora_adapter_trains_saves_reloads_and_merges(tmp_path, tiny_config, processor):
+    from peft import PeftModel
+
+    args = train_hf.parse_args(["--lora_r", "4", "--lora_alpha", "8", "--freeze_vision"])
+    args.language_model = "pretrained"  # as with a real checkpoint: the decoder itself stays frozen
+    model = train_hf.apply_training_policy(make_tiny_model(tiny_config, seed=1), args)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "multi_modal_projector" in n for n in trainable)
+    batch = processor(images=random_images(4, seed=9), suffix=synthetic_captions(4, seed=9))
+    optimizer = torch.optim.AdamW(
+        train_hf.param_groups(model, args)[0]["params"]
+        + [p for g in train_hf.param_groups(model, args)[1:] for p in g["params"]],
+        lr=1e-2,
+    )
+    model.train()
+    bn_before = model.base_model.model.vision_tower.bn1.running_mean.clone()
+    for _ in range(3):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(bn_before, model.base_model.model.vision_tower.bn1.running_mean)  # frozen BN did not move
+    model.eval()
+    with torch.no_grad():
+        trained_logits = model(**batch).logits
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # adapters moved from their zero init
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(make_tiny_model(tiny_config, seed=1), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, trained_logits, atol=0, rtol=0)
+        merged = reloaded.merge_and_unload()
+        # W + BA in one matrix changes the float summation order only: equal within float32 rounding
+        torch.testing.assert_close(merged(**batch).logits, trained_logits, atol=1e-4, rtol=1e-4)
+    assert type(merged).__name__ == "CNNGemmaForConditionalGeneration"
+
+
+@pytest.fixture(scope="module")
+def wrong_columns_dataset(tmp_path_factory):
+    import datasets
+
+    path = tmp_path_factory.mktemp("wrong") / "ds"
+    part = datasets.Dataset.from_dict({"filename": ["a.jpg"], "text": ["a plane"]})
+    datasets.DatasetDict({"train": part, "test": part}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--dataset", "{tmp}/missing"], "error: --dataset {tmp}/missing: no such folder."),
+        (
+            ["--dataset", "{wrong}"],
+            "error: --dataset {wrong}: split 'train' has columns ['filename', 'text'], "
+            "missing ['caption', 'image', 'image_id']. Expected dataset_builder's image, "
+            "image_id and caption.",
+        ),
+        (
+            ["--dataset", "someone/riscm"],
+            "error: --dataset someone/riscm looks like a Hub id, but HF_HUB_OFFLINE=1; pass a local folder.",
+        ),
+        (
+            ["--resume_from_checkpoint", "{tmp}/nothing"],
+            "error: --resume_from_checkpoint {tmp}/nothing: not a "
+            "checkpoint folder (no training_state.json). Pass 'latest' or an OUTPUT_DIR/checkpoints/step_N folder.",
+        ),
+        (
+            ["--resume_from_checkpoint", "latest", "--output_dir", "{tmp}/fresh"],
+            "error: --resume_from_checkpoint latest: no checkpoint in {tmp}/fresh/checkpoints.",
+        ),
+        (["--batch_size", "0"], "error: --batch_size 0 is out of range; expected >= 1."),
+        (["--lora_dropout", "1.5"], "error: --lora_dropout 1.5 is out of range; expected in [0, 1)."),
+        (["--learning_rate", "-1"], "error: --learning_rate -1.0 is out of range; expected > 0."),
+        (["--save_adapter_only"], "error: --save_adapter_only needs LoRA: set --lora_r > 0."),
+        (
+            ["--config", "{tmp}/nope.json"],
+            "error: --config {tmp}/nope.json: no such file. Use one of configuration/*.json.",
+        ),
+    ],
+)
+def test_bad_input_fails_before_training(argv, message, tmp_path, wrong_columns_dataset, capsys):
+    fill = {"tmp": str(tmp_path), "wrong": str(wrong_columns_dataset)}
+    argv = [a.format(**fill) for a in argv]
+    argv += [] if "--output_dir" in argv else ["--output_dir", str(tmp_path / "out")]
+    assert train_hf.main([*argv, "--report_to", "none"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message.format(**fill)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_config_that_does_not_match_the_checkpoint(tmp_path, tiny_dataset, capsys):
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from modeling_cnngemma import build_caption_tokenizer
+
+    tokenizer = build_caption_tokenizer(synthetic_captions(50), vocab_size=300)
+    GemmaForCausalLM(
+        GemmaConfig(
+            hidden_size=64,
+            num_hidden_layers=1,
+            intermediate_size=128,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            vocab_size=len(tokenizer),
+        )
+    ).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    code = train_hf.main(
+        [
+            "--dataset",
+            str(tiny_dataset),
+            "--language_model",
+            str(tmp_path / "lm"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--report_to",
+            "none",
+        ]
+    )
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: The config's text_config does not match the checkpoint '{tmp_path / 'lm'}': hidden_size: config 128 "
+        "!= checkpoint 64; num_hidden_layers: config 2 != checkpoint 1; intermediate_size: config 512 != checkpoint "
+        "128; num_attention_heads: config 4 != checkpoint 2. Use a config whose text_config is the checkpoint's "
+        "(e.g. configuration/*.json for Gemma-2B)."
+    )
