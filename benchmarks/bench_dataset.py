@@ -64,14 +64,25 @@ def main() -> None:
         folder = Path(folder)
         table = folder / "captions.csv"
         riscm_sized_table(table, args.images)
-        report(f"captions-only build, {args.images:,} images x 5 captions",
-               timed(lambda: build(table, folder / "captions_only"), args.repeats))
+        report(
+            f"captions-only build, {args.images:,} images x 5 captions",
+            timed(lambda: build(table, folder / "captions_only"), args.repeats),
+        )
         synth_seconds = timed(lambda: synthesize(folder / "synth", num_images=args.image_build_images, seed=0), 1)
         report(f"synth, {args.image_build_images:,} images (one process)", synth_seconds, args.image_build_images)
-        report(f"image build, {args.image_build_images:,} synthetic 224 px JPEGs",
-               timed(lambda: build(folder / "synth" / "captions.csv", folder / "with_images",
-                                   images=folder / "synth" / "resized", num_workers=args.num_workers),
-                     args.repeats), args.image_build_images)
+        report(
+            f"image build, {args.image_build_images:,} synthetic 224 px JPEGs",
+            timed(
+                lambda: build(
+                    folder / "synth" / "captions.csv",
+                    folder / "with_images",
+                    images=folder / "synth" / "resized",
+                    num_workers=args.num_workers,
+                ),
+                args.repeats,
+            ),
+            args.image_build_images,
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,261 @@
+"""Runs the benchmarks and writes results/benchmarks.json and the PNGs.
+
+python -m benchmarks all              # encoders + captioning + training, ~10 minutes on 2 CPU cores
+python -m benchmarks encoders --batch-size 32 --dtype bf16 --compile
+python -m benchmarks captioning --lm-size 270m
+python -m benchmarks all --quick      # seconds: tiny shapes, what the tests run
+python -m benchmarks report           # the Markdown tables of an existing results/benchmarks.json
+"""
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import plots
+from .common import DTYPES, LM_SHAPES, SIGLIP_SHAPES, machine_info
+
+SECTIONS = ("encoders", "captioning", "training")
+
+# Sizes of the full run on CPU, chosen so that `all` stays within ~10 minutes on 2 cores (see README).
+CPU_DEFAULTS = {
+    "rounds": 3,
+    "slice_s": 2.0,
+    "caption_rounds": 3,
+    "caption_slice_s": 0.0,
+    "train_batch_size": 8,
+    "train_rounds": 2,
+    "train_slice_s": 0.0,
+}
+GPU_DEFAULTS = {
+    "rounds": 100,
+    "slice_s": 0.0,
+    "caption_rounds": 10,
+    "caption_slice_s": 0.0,
+    "train_batch_size": 32,
+    "train_rounds": 10,
+    "train_slice_s": 0.0,
+}
+QUICK = {
+    "image_size": 64,
+    "batch_size": 2,
+    "projector_width": 128,
+    "siglip_shapes": ["siglip_tiny"],
+    "baseline_siglip": "siglip_tiny",
+    "lm_size": "tiny",
+    "caption_batch_sizes": [1, 2],
+    "new_tokens": 4,
+    "caption_tokens": 4,
+    "train_batch_size": 2,
+    "baseline_train_batch_size": 2,
+    "rounds": 1,
+    "slice_s": 0.0,
+    "caption_rounds": 1,
+    "caption_slice_s": 0.0,
+    "train_rounds": 1,
+    "train_slice_s": 0.0,
+    "lora_rank": 4,
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=[*SECTIONS, "all", "report"], help="What to measure, or `report`.")
+    parser.add_argument("--quick", action="store_true", help="Tiny shapes and one round: a smoke test in seconds.")
+    parser.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu.")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="Weights and inputs dtype.")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CNNGemma's vision_channels_last fast path (default on); --no-channels-last measures the NCHW path.",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every encoder row (encoders only).")
+    parser.add_argument("--batch-size", type=int, default=32, help="Encoder batch size (the report's: 32).")
+    parser.add_argument(
+        "--iters", type=int, default=None, help="Encoders: exactly this many timed runs per model (GPU default 100)."
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="Encoders: interleaved timing rounds.")
+    parser.add_argument("--slice-s", type=float, default=None, help="Encoders: seconds each model runs per round.")
+    parser.add_argument("--image-size", type=int, default=224, help="Square input size in pixels.")
+    parser.add_argument(
+        "--projector-width", type=int, default=2048, help="Encoders: LM width CNNGemma projects to (Gemma-2B: 2048)."
+    )
+    parser.add_argument(
+        "--siglip-shapes",
+        nargs="+",
+        default=["siglip_base16", "siglip_so400m14"],
+        choices=list(SIGLIP_SHAPES),
+        help="Encoders: SigLIP towers to measure.",
+    )
+    parser.add_argument(
+        "--baseline-siglip", default="siglip_so400m14", choices=list(SIGLIP_SHAPES), help="PaliGemma's tower."
+    )
+    parser.add_argument("--lm-size", choices=list(LM_SHAPES), default="270m", help="Decoder shape (random init).")
+    parser.add_argument("--caption-batch-sizes", type=int, nargs="+", default=[1, 32], help="Captioning batch sizes.")
+    parser.add_argument("--new-tokens", type=int, default=20, help="Captioning: tokens generated per image.")
+    parser.add_argument("--caption-rounds", type=int, default=None, help="Captioning: timed runs per model.")
+    parser.add_argument("--caption-slice-s", type=float, default=None, help="Captioning: seconds per model per round.")
+    parser.add_argument("--train-batch-size", type=int, default=None, help="Training batch for the CNNGemma variants.")
+    parser.add_argument("--baseline-train-batch-size", type=int, default=4, help="Training batch for the baseline.")
+    parser.add_argument("--caption-tokens", type=int, default=20, help="Training: caption length in tokens.")
+    parser.add_argument("--train-rounds", type=int, default=None, help="Training: timed steps per model and policy.")
+    parser.add_argument("--train-slice-s", type=float, default=None, help="Training: seconds per model per round.")
+    parser.add_argument("--lora-rank", type=int, default=16, help="Training: LoRA rank for the `lora` policy.")
+    parser.add_argument("--output-dir", type=Path, default=Path("results"), help="Where JSON and PNGs go.")
+    parser.add_argument("--tag", default="", help="Suffix for the output names, e.g. `gpu` -> benchmarks_gpu.json.")
+    args = parser.parse_args(argv)
+
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    defaults = GPU_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.iters is not None:
+        args.rounds, args.slice_s = args.iters, 0.0
+    args.torch_dtype = DTYPES[args.dtype]
+    return args
+
+
+def _fmt(summary: dict, digits: int = 1) -> str:
+    return f"{summary['median']:.{digits}f} [{summary['q1']:.{digits}f}-{summary['q3']:.{digits}f}]"
+
+
+def markdown_tables(results: dict) -> str:
+    """The three tables (medians with IQR in brackets) and the ratios, as Markdown."""
+    out = []
+    if "encoders" in results:
+        enc = results["encoders"]
+        s = enc["settings"]
+        out += [
+            f"**Encoders** (batch {s['batch_size']}, {s['image_size']} px, {s['dtype']}, {s['device']}; "
+            f"images/s, median [IQR] of n runs)",
+            "",
+            "| model | images/s | ms/batch | n | vs SigLIP base/16 |",
+            "|---|---|---|---|---|",
+        ]
+        ref = next((r for r in enc["rows"] if r["encoder"] == "siglip_base16"), None) or next(
+            r for r in enc["rows"] if r["kind"] == "siglip"
+        )
+        for r in enc["rows"]:
+            ratio = r["images_per_s"]["median"] / ref["images_per_s"]["median"]
+            out.append(
+                f"| {r['name']} | {_fmt(r['images_per_s'])} | {1000 * r['seconds_per_batch']['median']:.0f} "
+                f"| {r['images_per_s']['n']} | {ratio:.1f}x |"
+            )
+        out += [
+            "",
+            "| encoder | report GPU ratio | CPU plain fp32 ratio | CPU default-path ratio (target) "
+            "| channels_last speedup | single wrapper / bare timm (target 95%) | multi / single throughput |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in ("mobilenetv3_large_100", "efficientnet_b0"):
+            e = enc["summary"][name]
+            out.append(
+                f"| {name} | {e['report_gpu_ratio']:.1f}x | {e['plain_ratio']:.1f}x "
+                f"| {e['default_path_ratio']:.1f}x ({e['default_path_target']:.0f}x: "
+                f"{'met' if e['default_path_target_met'] else 'not met'}) | {e['channels_last_speedup']:.2f}x "
+                f"| {100 * e['wrapper_single_vs_bare']:.0f}% "
+                f"({'met' if e['wrapper_target_met'] else 'not met'}) | {100 * e['multi_vs_single']:.0f}% |"
+            )
+        out.append("")
+    if "captioning" in results:
+        cap = results["captioning"]
+        s = cap["settings"]
+        out += [
+            f"**Captioning** (LM {s['lm_size']}, {s['new_tokens']} new tokens, greedy, KV cache, {s['dtype']}, "
+            f"{s['device']}; median [IQR])",
+            "",
+            "| model | batch | image tokens | captions/s | latency p50 / p95 (s) | vision / prefill / decode (s) "
+            "| peak memory (MB) | speedup |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in cap["rows"]:
+            split = " / ".join(f"{r['split_s'][k]['median']:.2f}" for k in ("vision", "prefill", "decode"))
+            speed = cap["summary"][str(r["batch_size"])].get(r["model"], {}).get("speedup")
+            memory = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+            out.append(
+                f"| {r['model']} | {r['batch_size']} | {r['num_image_tokens']} | {_fmt(r['captions_per_s'], 2)} "
+                f"| {r['latency_s']['p50']:.2f} / {r['latency_s']['p95']:.2f} | {split} | {memory} "
+                f"| {f'{speed:.1f}x' if speed else '1.0x (baseline)'} |"
+            )
+        t = cap["summary"]["target"]
+        measured = f"{t['measured']:.1f}x" if t["measured"] is not None else "not measured"
+        out += [
+            "",
+            f"Target: {t['variant']} >= {t['speedup']:.0f}x the baseline at batch {t['batch_size']}: measured "
+            f"{measured} ({'met' if t['met'] else 'not met'}).",
+            "",
+        ]
+    if "training" in results:
+        tr = results["training"]
+        s = tr["settings"]
+        out += [
+            f"**Training** (LM {s['lm_size']}, caption {s['caption_tokens']} tokens, AdamW, {s['dtype']}, "
+            f"{s['device']}; median [IQR])",
+            "",
+            "| model | policy | batch | samples/s | peak memory (MB) | trainable params | vs baseline |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in tr["rows"]:
+            ratio = tr["summary"][r["policy"]].get(r["model"])
+            memory = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+            out.append(
+                f"| {r['model']} | {r['policy']} | {r['batch_size']} | {_fmt(r['samples_per_s'], 2)} | {memory} "
+                f"| {r['trainable_parameters']:,} | {f'{ratio:.1f}x' if ratio else '1.0x (baseline)'} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def run_benchmarks(args) -> dict:
+    from . import captioning, encoders, training
+
+    modules = {"encoders": encoders, "captioning": captioning, "training": training}
+    sections = SECTIONS if args.command == "all" else (args.command,)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{args.tag}" if args.tag else ""
+    json_path = args.output_dir / f"benchmarks{suffix}.json"
+    results = json.loads(json_path.read_text()) if json_path.exists() else {}
+    results["machine"] = machine_info(args.device)
+    results["quick"] = args.quick
+    started = time.perf_counter()
+    for section in sections:
+        section_start = time.perf_counter()
+        results[section] = modules[section].run(args, args.device)
+        results[section]["wall_s"] = time.perf_counter() - section_start
+        gc.collect()
+        plot = getattr(plots, f"plot_{section}")
+        png = plot(results[section], args.output_dir / f"{section}{suffix}.png", f" ({results['machine']['device']})")
+        results[section]["png"] = png.name
+        json_path.write_text(json.dumps(results, indent=1) + "\n")  # after each section: a crash keeps the rest
+    results["wall_s"] = time.perf_counter() - started
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    print(markdown_tables({k: results[k] for k in sections}))
+    print(f"Wrote {json_path} in {results['wall_s']:.0f}s.")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "report":
+        suffix = f"_{args.tag}" if args.tag else ""
+        json_path = args.output_dir / f"benchmarks{suffix}.json"
+        if not json_path.exists():
+            sys.exit(f"{json_path} does not exist; run `python -m benchmarks all` first.")
+        print(markdown_tables(json.loads(json_path.read_text())))
+        return
+    run_benchmarks(args)
+
+
+if __name__ == "__main__":
+    main()

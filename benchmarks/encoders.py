@@ -1,0 +1,148 @@
+"""Encoder throughput, the report's Table I protocol: a dummy batch at 224 px, a warm-up, timed synchronised runs.
+
+Bare timm CNNs (plain NCHW and channels_last), CNNGemma's own vision path (`get_image_features`, single and multi),
+the multi-mode projector alone, and transformers' SiglipVisionModel at base/16 and so400m/14, all in one run.
+"""
+
+import torch
+
+from .common import VARIANTS, build_cnngemma, build_siglip, summarize, time_in_rounds
+
+# The report's GPU measurement (batch 32, 224 px): images/s and the ratios over SigLIP it implies.
+REPORT_GPU = {"mobilenetv3_large_100": 3487.0, "efficientnet_b0": 1584.0, "siglip": 219.0}
+TARGETS_DEFAULT_PATH = {"mobilenetv3_large_100": 25.0, "efficientnet_b0": 12.0}
+WRAPPER_TARGET = 0.95
+
+
+def _cases(args, device, dtype, x):
+    """name -> (row metadata, callable). Models are built once, before any timing."""
+    import timm
+
+    cases = {}
+    channels_last = torch.channels_last
+    path = "default (channels_last)" if args.channels_last else "NCHW (--no-channels-last)"
+    for encoder in ("mobilenetv3_large_100", "efficientnet_b0"):
+        plain = timm.create_model(encoder, pretrained=False, num_classes=0).eval().to(device, dtype)
+        cl = timm.create_model(encoder, pretrained=False, num_classes=0).eval().to(device, dtype)
+        cl = cl.to(memory_format=channels_last)
+        cases[f"{encoder} (timm, NCHW)"] = (
+            {"encoder": encoder, "kind": "timm", "path": "plain"},
+            lambda m=plain: m.forward_features(x),
+        )
+        cases[f"{encoder} (timm, channels_last)"] = (
+            {"encoder": encoder, "kind": "timm", "path": "channels_last"},
+            lambda m=cl: m.forward_features(x.contiguous(memory_format=channels_last)),
+        )
+        for variant, (name, mode) in VARIANTS.items():
+            if name != encoder:
+                continue
+            model = build_cnngemma(
+                variant, image_size=args.image_size, hidden_size=args.projector_width, channels_last=args.channels_last
+            )
+            model = model.to(device, dtype)
+            cases[f"CNNGemma {variant} (get_image_features)"] = (
+                {"encoder": encoder, "kind": "cnngemma", "path": path, "token_mode": mode, "variant": variant},
+                lambda m=model: m.get_image_features(x),
+            )
+            if mode == "multi":
+                grid = model.config.vision_grid
+                features = torch.randn(
+                    x.shape[0], grid[0] * grid[1], model.config.vision_feature_dim, device=device, dtype=dtype
+                )
+                projector = model.model.multi_modal_projector
+                cases[f"CNNGemma {variant} projector only"] = (
+                    {
+                        "encoder": encoder,
+                        "kind": "projector",
+                        "path": "default",
+                        "token_mode": mode,
+                        "variant": variant,
+                    },
+                    lambda p=projector, f=features: p(f),
+                )
+    for shape in args.siglip_shapes:
+        model = build_siglip(shape, image_size=args.image_size).to(device, dtype)
+        cases[f"SigLIP {shape.removeprefix('siglip_')} (SiglipVisionModel)"] = (
+            {"encoder": shape, "kind": "siglip", "path": "plain"},
+            lambda m=model: m(pixel_values=x),
+        )
+    return cases
+
+
+def run(args, device, log=print) -> dict:
+    dtype = args.torch_dtype
+    batch = args.batch_size
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, args.image_size, args.image_size, device=device, dtype=dtype)
+    log(f"encoders: batch {batch}, {args.image_size} px, {args.dtype}, {args.rounds} rounds of >= {args.slice_s}s")
+    built = _cases(args, device, dtype, x)
+    calls = {name: fn for name, (_, fn) in built.items()}
+    if args.compile:
+        calls = {name: torch.compile(fn) for name, fn in calls.items()}
+
+    with torch.inference_mode():
+        for fn in calls.values():  # warm-up: first-call allocations, oneDNN primitive creation, compilation
+            fn()
+        times = time_in_rounds(calls, args.rounds, args.slice_s, device, log=log)
+
+    rows = []
+    for name, (meta, _) in built.items():
+        seconds = summarize(times[name])
+        throughput = summarize([batch / t for t in times[name]])
+        rows.append({"name": name, **meta, "seconds_per_batch": seconds, "images_per_s": throughput})
+    return {
+        "settings": {
+            "batch_size": batch,
+            "image_size": args.image_size,
+            "dtype": args.dtype,
+            "device": str(device),
+            "cnngemma_vision_channels_last": args.channels_last,
+            "compile": args.compile,
+            "rounds": args.rounds,
+            "slice_s": args.slice_s,
+            "projector_width": args.projector_width,
+            "inference_mode": True,
+        },
+        "rows": rows,
+        "summary": _summary(rows, args.channels_last),
+        "report_gpu_images_per_s": REPORT_GPU,
+    }
+
+
+def _median(rows, **match) -> float | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row["images_per_s"]["median"]
+    return None
+
+
+def _summary(rows, channels_last: bool) -> dict:
+    """Ratios over SigLIP base/16 (plain and default path), wrapper overhead, multi-mode projection cost."""
+    siglip = _median(rows, kind="siglip", encoder="siglip_base16") or _median(rows, kind="siglip")
+    summary = {"reference": "siglip_base16" if _median(rows, encoder="siglip_base16") else "first siglip row"}
+    report_ratio = {k: REPORT_GPU[k] / REPORT_GPU["siglip"] for k in ("mobilenetv3_large_100", "efficientnet_b0")}
+    for encoder in ("mobilenetv3_large_100", "efficientnet_b0"):
+        plain = _median(rows, kind="timm", encoder=encoder, path="plain")
+        cl = _median(rows, kind="timm", encoder=encoder, path="channels_last")
+        single = _median(rows, kind="cnngemma", encoder=encoder, token_mode="single")
+        multi = _median(rows, kind="cnngemma", encoder=encoder, token_mode="multi")
+        projector = _median(rows, kind="projector", encoder=encoder)
+        entry = {
+            "report_gpu_ratio": report_ratio[encoder],
+            "plain_ratio": plain / siglip,
+            "default_path_ratio": single / siglip,
+            "default_path_target": TARGETS_DEFAULT_PATH[encoder],
+            "default_path_target_met": single / siglip >= TARGETS_DEFAULT_PATH[encoder],
+            "channels_last_speedup": cl / plain,
+            # the wrapper against the bare timm model in the same memory format
+            "wrapper_single_vs_bare": single / (cl if channels_last else plain),
+            "wrapper_single_vs_bare_plain": single / plain,
+            "wrapper_target": WRAPPER_TARGET,
+            "wrapper_target_met": single / (cl if channels_last else plain) >= WRAPPER_TARGET,
+            "multi_vs_single": multi / single,
+            # per-image milliseconds the multi-mode projection adds, measured two ways
+            "multi_projection_ms_per_image_from_difference": 1000 * (1 / multi - 1 / single),
+            "multi_projection_ms_per_image_alone": 1000 / projector if projector else None,
+        }
+        summary[encoder] = entry
+    return summary

@@ -1,0 +1,94 @@
+"""`python -m benchmarks all --quick`: every section runs and writes its JSON and PNG (no timing assertions)."""
+
+import json
+
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.common import BASELINE, VARIANTS, summarize
+
+MODELS = {*VARIANTS, BASELINE}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    main(["all", "--quick", "--output-dir", str(out)])
+    return out, json.loads((out / "benchmarks.json").read_text())
+
+
+def _is_summary(value):
+    return set(value) == {"median", "q1", "q3", "min", "max", "n"} and value["min"] <= value["median"] <= value["max"]
+
+
+def test_quick_run_writes_json_and_pngs(quick_run):
+    out, results = quick_run
+    assert results["quick"] is True
+    assert {"date", "device", "torch", "transformers", "timm", "cpu_count"} <= set(results["machine"])
+    for section in ("encoders", "captioning", "training"):
+        png = out / results[section]["png"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", section
+        assert results[section]["wall_s"] > 0
+
+
+def test_encoder_rows_and_ratios(quick_run):
+    _, results = quick_run
+    rows = results["encoders"]["rows"]
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("timm") == 4 and kinds.count("cnngemma") == 4 and kinds.count("projector") == 2
+    assert kinds.count("siglip") == 1
+    assert all(_is_summary(r["images_per_s"]) and _is_summary(r["seconds_per_batch"]) for r in rows)
+    for encoder in ("mobilenetv3_large_100", "efficientnet_b0"):
+        entry = results["encoders"]["summary"][encoder]
+        assert entry["report_gpu_ratio"] == pytest.approx(
+            {"mobilenetv3_large_100": 15.9, "efficientnet_b0": 7.2}[encoder], abs=0.05
+        )
+        for key in ("plain_ratio", "default_path_ratio", "wrapper_single_vs_bare", "multi_vs_single"):
+            assert entry[key] > 0, key
+        assert isinstance(entry["default_path_target_met"], bool) and isinstance(entry["wrapper_target_met"], bool)
+
+
+def test_captioning_rows_cover_every_model_and_batch(quick_run):
+    _, results = quick_run
+    cap = results["captioning"]
+    assert {(r["model"], r["batch_size"]) for r in cap["rows"]} == {(m, b) for m in MODELS for b in (1, 2)}
+    for row in cap["rows"]:
+        assert _is_summary(row["captions_per_s"])
+        assert row["latency_s"]["p50"] <= row["latency_s"]["p95"]
+        assert set(row["split_s"]) == {"vision", "prefill", "decode"}
+        assert row["split_s"]["vision"]["median"] > 0 and row["split_s"]["decode"]["median"] > 0
+        assert row["peak_memory_mb"] is not None
+    assert {r["num_image_tokens"] for r in cap["rows"] if r["model"] == "mobilenet_single"} == {1}
+    assert set(cap["summary"]["1"]) == set(VARIANTS)
+    assert {"variant", "batch_size", "speedup", "measured", "met"} <= set(cap["summary"]["target"])
+
+
+def test_training_rows_cover_every_model_and_policy(quick_run):
+    _, results = quick_run
+    train = results["training"]
+    assert {(r["model"], r["policy"]) for r in train["rows"]} == {
+        (m, p) for m in MODELS for p in ("frozen_lm", "lora")
+    }
+    for row in train["rows"]:
+        assert _is_summary(row["samples_per_s"]) and row["trainable_parameters"] > 0
+    lora = {r["model"]: r["trainable_parameters"] for r in train["rows"] if r["policy"] == "lora"}
+    frozen = {r["model"]: r["trainable_parameters"] for r in train["rows"] if r["policy"] == "frozen_lm"}
+    assert all(lora[m] < frozen[m] for m in VARIANTS)  # LoRA leaves the CNN frozen
+
+
+def test_report_prints_markdown_tables(quick_run, capsys):
+    out, _ = quick_run
+    main(["report", "--output-dir", str(out)])
+    text = capsys.readouterr().out
+    assert "**Encoders**" in text and "**Captioning**" in text and "**Training**" in text
+
+
+def test_summarize_quartiles():
+    assert summarize([4.0, 1.0, 3.0, 2.0, 5.0]) == {
+        "median": 3.0,
+        "q1": 2.0,
+        "q3": 4.0,
+        "min": 1.0,
+        "max": 5.0,
+        "n": 5,
+    }
