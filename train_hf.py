@@ -55,6 +55,19 @@ def parse_args(argv=None):
     )
     data.add_argument("--tokenizer", default=None, help="Tokenizer folder to use with a random decoder.")
     data.add_argument(
+        "--text_config",
+        default=None,
+        help="Take text_config and image_token_id from this configuration/*.json instead (e.g. a "
+        "full variant's real encoder with tiny.json's decoder for CPU comparisons).",
+    )
+    data.add_argument(
+        "--variants",
+        default=None,
+        help="Comma-separated configuration names (e.g. mobilenet_single,mobilenet_multi,"
+        "efficientnet_single,efficientnet_multi): train each with the same data and budget in "
+        "OUTPUT_DIR/NAME and write comparison.{md,json,png}.",
+    )
+    data.add_argument(
         "--output_dir",
         default=str(REPO_ROOT / "outputs" / "cnngemma-demo"),
         help="Where checkpoints, the final model, metrics.json and plots go.",
@@ -93,7 +106,7 @@ def parse_args(argv=None):
     optim.add_argument("--warmup_steps", type=int, default=100, help="Linear warmup steps before the cosine decay.")
     optim.add_argument("--batch_size", type=int, default=32, help="Training pairs per device per micro-batch.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    optim.add_argument("--num_epochs", type=int, default=6, help="Epochs over the training pairs.")
+    optim.add_argument("--num_epochs", type=int, default=4, help="Epochs over the training pairs.")
     optim.add_argument("--max_steps", type=int, default=0, help="Optimizer steps; overrides --num_epochs when > 0.")
     optim.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no", help="Autocast precision.")
     optim.add_argument("--gradient_checkpointing", action="store_true", help="Recompute decoder activations.")
@@ -222,7 +235,8 @@ def build_demo_dataset(num_images: int, seed: int) -> Path:
     raw, built = DEMO_DATA / f"raw-{num_images}-{seed}", DEMO_DATA / f"dataset-{num_images}-{seed}"
     if not (built / "dataset_dict.json").is_file():
         if not (raw / "captions.csv").is_file():
-            synthesize(raw, num_images=num_images, seed=seed)
+            # drawn at the tiny config's 128 px: the same pictures the model sees, made and decoded 3x faster
+            synthesize(raw, num_images=num_images, seed=seed, size=128)
         build(raw / "captions.csv", built, images=raw / "resized")
     return built
 
@@ -263,6 +277,11 @@ def build_model_and_processor(args, train_captions):
     )
 
     config = CNNGemmaConfig.from_json_file(args.config)
+    if args.text_config:
+        donor = CNNGemmaConfig.from_json_file(args.text_config)
+        config = CNNGemmaConfig.from_dict(
+            {**config.to_dict(), "text_config": donor.text_config.to_dict(), "image_token_id": donor.image_token_id}
+        )
     tokenizer = None
     if args.language_model is None:
         if args.tokenizer:
@@ -323,6 +342,17 @@ def param_groups(model, args):
     ]
 
 
+def peak_memory_mb(device) -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set size."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def count_parameters(model) -> dict:
     unique = {id(p): p for p in model.parameters()}.values()
     return {"total": sum(p.numel() for p in unique), "trainable": sum(p.numel() for p in unique if p.requires_grad)}
@@ -377,8 +407,15 @@ def generate_captions(accelerator, model, processor, images, args, desc: str) ->
 
 def evaluate_split(accelerator, model, processor, scorer, grouped, args, step: int, split: str) -> tuple[dict, list]:
     images, references, image_ids = grouped
+    start = time.perf_counter()
     predictions = generate_captions(accelerator, model, processor, images, args, desc=f"captioning {split}")
-    result = {"split": split, "step": step, "num_images": len(predictions)}
+    seconds = time.perf_counter() - start
+    result = {
+        "split": split,
+        "step": step,
+        "num_images": len(predictions),
+        "eval_captions_per_second": len(predictions) / seconds,
+    }
     if accelerator.is_main_process:
         result.update(scorer(predictions, references))
     rows = [
@@ -388,7 +425,7 @@ def evaluate_split(accelerator, model, processor, scorer, grouped, args, step: i
     return result, rows
 
 
-def best_constant_caption(train_captions, val_references, max_candidates: int = 300) -> str:
+def best_constant_caption(train_captions, val_references, max_candidates: int = 100) -> str:
     """The image-blind baseline: the training caption with the highest CIDEr-D as the answer for every validation
     image. Candidates are the most frequent training captions (case/space-normalised), scored with pycocoevalcap's
     CIDEr-D on lower-cased, punctuation-free tokens."""
@@ -605,6 +642,7 @@ def training_function(args):
     )
     model.train()
     window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+    train_seconds, train_samples, tick = 0.0, 0, time.perf_counter()  # excludes evaluation and checkpoints
     for epoch in range(start_epoch, num_epochs):
         train_loader.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
@@ -624,6 +662,8 @@ def training_function(args):
                 optimizer.zero_grad()
             window_loss += loss.detach().float().item()
             window_samples += batch["input_ids"].shape[0] * accelerator.num_processes
+            train_samples += batch["input_ids"].shape[0] * accelerator.num_processes
+            train_seconds, tick = train_seconds + time.perf_counter() - tick, time.perf_counter()
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
@@ -662,6 +702,7 @@ def training_function(args):
                 if batches_in_epoch == len(train_loader):
                     state.update(epoch=epoch + 1, batches_in_epoch=0)
                 save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit)
+            tick = time.perf_counter()
             if global_step >= max_steps:
                 break
         if global_step >= max_steps:
@@ -680,6 +721,12 @@ def training_function(args):
     final, rows = evaluate_split(accelerator, model, processor, scorer, test, args, global_step, test_split)
     final_counts = generate_captions.images_per_process
     results["trained model"] = final
+    final.update(
+        train_samples_per_second=train_samples / max(train_seconds, 1e-9),
+        parameters_total=counts["total"],
+        parameters_trainable=counts["trainable"],
+        peak_memory_mb=peak_memory_mb(accelerator.device),
+    )
     if accelerator.is_main_process:
         write_outputs(output_dir, final, history, results, rows, test, final_counts)
         report(results, rows, test_split)
@@ -721,6 +768,137 @@ def report(results: dict, rows: list, split: str):
         print(f"  {row['image_id']}: {row['prediction']!r}\n      reference: {row['references'][0]!r}")
 
 
+POSITIONS = (
+    "top left",
+    "top right",
+    "bottom left",
+    "bottom right",
+    "top",
+    "bottom",
+    "left",
+    "right",
+    "centre",
+    "center",
+    "middle",
+)
+
+
+def position_phrases(text: str) -> set[str]:
+    """Position phrases a caption states; 'top left' counts once, not also as 'top' and 'left'."""
+    import re
+
+    text, found = " " + re.sub(r"[^a-z ]", " ", text.lower()) + " ", set()
+    for phrase in POSITIONS:
+        if f" {phrase} " in text:
+            found.add({"center": "centre", "middle": "centre"}.get(phrase, phrase))
+            text = text.replace(f" {phrase} ", " ")
+    return found
+
+
+def position_accuracy(rows: list[dict]) -> tuple[float, int]:
+    """Among images whose references state a position, how often the prediction states one of those positions."""
+    scored = [(position_phrases(r["prediction"]), set().union(*map(position_phrases, r["references"]))) for r in rows]
+    scored = [(pred, refs) for pred, refs in scored if refs]
+    return (sum(bool(pred & refs) for pred, refs in scored) / len(scored) if scored else float("nan")), len(scored)
+
+
+def compare_variants(args, argv: list[str]):
+    """Trains each named configuration with the same data and budget, each in a fresh process (clean memory
+    figures), then writes OUTPUT_DIR/comparison.{json,md,png}."""
+    import subprocess
+
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    configs = {name: REPO_ROOT / "configuration" / f"{name}.json" for name in names}
+    if missing := [name for name, path in configs.items() if not path.is_file()]:
+        raise UsageError(
+            f"--variants: no configuration/{missing[0]}.json. Known: "
+            f"{', '.join(sorted(p.stem for p in (REPO_ROOT / 'configuration').glob('*.json')))}."
+        )
+    passthrough, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in ("--variants", "--config", "--output_dir"):
+            skip = True
+        elif not token.startswith(("--variants=", "--config=", "--output_dir=")):
+            passthrough.append(token)
+    if args.language_model is None and args.text_config is None:
+        # a random 2B decoder cannot train on a CPU: keep each variant's real encoder, swap in tiny.json's decoder
+        passthrough += ["--text_config", str(REPO_ROOT / "configuration" / "tiny.json")]
+    output_dir, summary = Path(args.output_dir), {}
+    for name, config in configs.items():
+        print(f"\n=== variant {name} ===", flush=True)
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *passthrough,
+            "--config",
+            str(config),
+            "--output_dir",
+            str(output_dir / name),
+            "--skip_baselines",
+        ]
+        subprocess.run(command, check=True)
+        metrics = json.loads((output_dir / name / "metrics.json").read_text())
+        rows = [json.loads(line) for line in (output_dir / name / "predictions.jsonl").read_text().splitlines()]
+        accuracy, counted = position_accuracy(rows)
+        summary[name] = {
+            **{
+                k: metrics[k]
+                for k in (
+                    *METRIC_KEYS,
+                    "train_samples_per_second",
+                    "eval_captions_per_second",
+                    "peak_memory_mb",
+                    "parameters_total",
+                    "parameters_trainable",
+                    "num_images",
+                )
+            },
+            "position_accuracy": accuracy,
+            "position_images": counted,
+        }
+    write_comparison(output_dir, summary, passthrough)
+
+
+def write_comparison(output_dir: Path, summary: dict, passthrough: list[str]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (output_dir / "comparison.json").write_text(json.dumps({"args": passthrough, "variants": summary}, indent=2))
+    lines = [
+        "| variant | BLEU-4 | METEOR | ROUGE-L | CIDEr | position acc. | params (trainable) | train samples/s "
+        "| eval captions/s | peak memory MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in summary.items():
+        meteor = "n/a" if m["meteor"] is None else f"{m['meteor']:.3f}"
+        lines.append(
+            f"| {name} | {m['bleu_4']:.3f} | {meteor} | {m['rouge_l']:.3f} | {m['cider']:.3f} "
+            f"| {m['position_accuracy']:.2f} ({m['position_images']} img) | {m['parameters_total']:,} "
+            f"({m['parameters_trainable']:,}) | {m['train_samples_per_second']:.1f} "
+            f"| {m['eval_captions_per_second']:.1f} | {m['peak_memory_mb']:.0f} |"
+        )
+    table = "\n".join(lines)
+    (output_dir / "comparison.md").write_text(table + "\n")
+    print("\n" + table)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=120)
+    for ax, key, title in zip(
+        axes,
+        ("cider", "position_accuracy", "train_samples_per_second"),
+        ("CIDEr (test)", "position accuracy (test)", "training samples/s"),
+        strict=True,
+    ):
+        ax.bar(list(summary), [m[key] for m in summary.values()], color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"])
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(output_dir / "comparison.png")
+    plt.close(fig)
+
+
 def evaluation_function(args):
     """--eval_only: score a saved model (folder or Hub id) on one split; same metrics.json and predictions.jsonl."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -749,7 +927,10 @@ def evaluation_function(args):
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-        (evaluation_function if args.eval_only else training_function)(args)
+        if args.variants:
+            compare_variants(args, list(sys.argv[1:] if argv is None else argv))
+        else:
+            (evaluation_function if args.eval_only else training_function)(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
