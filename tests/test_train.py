@@ -272,3 +272,46 @@ def test_config_that_does_not_match_the_checkpoint(tmp_path, tiny_dataset, capsy
         "128; num_attention_heads: config 4 != checkpoint 2. Use a config whose text_config is the checkpoint's "
         "(e.g. configuration/*.json for Gemma-2B)."
     )
+
+
+def test_position_phrases_and_accuracy():
+    assert train_hf.position_phrases("Three planes in the top left corner, one at the bottom .") == {
+        "top left",
+        "bottom",
+    }
+    assert train_hf.position_phrases("A ship in the center of the harbour") == {"centre"}
+    rows = [
+        {"prediction": "two cars on the left", "references": ["Two red cars are on the left .", "cars at left"]},
+        {"prediction": "two cars on the right", "references": ["Two red cars are in the top left corner ."]},
+        {"prediction": "a dense forest", "references": ["A dense orange forest ."]},  # no position: not counted
+    ]
+    assert train_hf.position_accuracy(rows) == (0.5, 2)
+
+
+def test_eval_only_scores_a_saved_model(tmp_path, tiny_dataset, saved_model_dir, capsys):
+    from datasets import load_from_disk
+
+    code = train_hf.main(
+        [
+            "--eval_only",
+            "--model",
+            str(saved_model_dir),
+            "--dataset",
+            str(tiny_dataset),
+            "--eval_split",
+            "validation",
+            "--max_new_tokens",
+            "6",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ]
+    )
+    assert code == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    images = sorted(set(load_from_disk(str(tiny_dataset))["validation"]["image_id"]))
+    assert sorted(r["image_id"] for r in rows) == images and metrics["num_images"] == len(images)
+    assert set(train_hf.METRIC_KEYS) <= set(metrics) and metrics["split"] == "validation"
+    assert "| model" in capsys.readouterr().out
