@@ -213,3 +213,28 @@ def test_dtype_loading_and_no_split_modules(saved_model_dir):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {"GemmaDecoderLayer", "CNNGemmaMultiModalProjector", "MobileNetV3"} <= set(model._no_split_modules)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_config, batch):
+    plain, checkpointed = make_tiny_model(tiny_config), make_tiny_model(tiny_config)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointed.language_model.gradient_checkpointing
+    losses = []
+    for model in (plain, checkpointed):
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_device_map_auto_loads_and_generates(saved_model_dir, tiny_model, processor):
+    model = CNNGemmaForConditionalGeneration.from_pretrained(saved_model_dir, device_map="auto").eval()
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    inputs = processor(images=random_images(2, seed=12))
+    assert torch.equal(
+        model.generate(**inputs, max_new_tokens=6, do_sample=False),
+        tiny_model.generate(**inputs, max_new_tokens=6, do_sample=False),
+    )
