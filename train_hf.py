@@ -371,8 +371,9 @@ class CaptionScorer:
         return self.metric.compute(predictions=predictions, references=references)
 
 
-def generate_captions(accelerator, model, processor, images, args, desc: str) -> list[str]:
-    """Greedy or beam captions for a Dataset of images, sharded over processes and gathered without duplicates."""
+def generate_captions(accelerator, model, processor, images, args, desc: str) -> tuple[list[str], list[int]]:
+    """Greedy or beam captions for a Dataset of images, sharded over processes and gathered without duplicates.
+    Also returns how many images each process captioned (the last batch may be padded with repeats)."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -401,20 +402,20 @@ def generate_captions(accelerator, model, processor, images, args, desc: str) ->
     counts = accelerator.gather_for_metrics([len(local)], use_gather_object=True)
     by_index = dict(gathered)
     assert sorted(by_index) == list(range(len(images))), "every image must be captioned exactly once"
-    generate_captions.images_per_process = counts
-    return [by_index[i] for i in range(len(images))]
+    return [by_index[i] for i in range(len(images))], counts
 
 
 def evaluate_split(accelerator, model, processor, scorer, grouped, args, step: int, split: str) -> tuple[dict, list]:
     images, references, image_ids = grouped
     start = time.perf_counter()
-    predictions = generate_captions(accelerator, model, processor, images, args, desc=f"captioning {split}")
+    predictions, counts = generate_captions(accelerator, model, processor, images, args, desc=f"captioning {split}")
     seconds = time.perf_counter() - start
     result = {
         "split": split,
         "step": step,
         "num_images": len(predictions),
         "eval_captions_per_second": len(predictions) / seconds,
+        "images_per_process": counts,
     }
     if accelerator.is_main_process:
         result.update(scorer(predictions, references))
@@ -719,7 +720,6 @@ def training_function(args):
     result, _ = evaluate_split(accelerator, model, processor, scorer, val, args, global_step, val_split)
     history.append(result)
     final, rows = evaluate_split(accelerator, model, processor, scorer, test, args, global_step, test_split)
-    final_counts = generate_captions.images_per_process
     results["trained model"] = final
     final.update(
         train_samples_per_second=train_samples / max(train_seconds, 1e-9),
@@ -728,7 +728,7 @@ def training_function(args):
         peak_memory_mb=peak_memory_mb(accelerator.device),
     )
     if accelerator.is_main_process:
-        write_outputs(output_dir, final, history, results, rows, test, final_counts)
+        write_outputs(output_dir, final, history, results, rows, test)
         report(results, rows, test_split)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -747,13 +747,8 @@ def save_final_model(accelerator, model, processor, args):
         processor.save_pretrained(args.output_dir)
 
 
-def write_outputs(output_dir, final, history, results, rows, test, counts):
-    metrics = {
-        **final,
-        "history": history,
-        "baselines": {k: v for k, v in results.items() if k != "trained model"},
-        "images_per_process": counts,
-    }
+def write_outputs(output_dir, final, history, results, rows, test):
+    metrics = {**final, "history": history, "baselines": {k: v for k, v in results.items() if k != "trained model"}}
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with open(output_dir / "predictions.jsonl", "w") as file:
         for row in rows:
