@@ -10,6 +10,7 @@ python -m benchmarks report           # the Markdown tables of an existing resul
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,10 +24,12 @@ SECTIONS = ("encoders", "captioning", "training")
 
 # Sizes of the full run on CPU, chosen so that `all` stays within ~10 minutes on 2 cores (see README).
 CPU_DEFAULTS = {
-    "rounds": 3,
-    "slice_s": 2.0,
+    "rounds": 5,
+    "slice_s": 1.0,
+    "budget_s": 20.0,
     "caption_rounds": 3,
     "caption_slice_s": 0.0,
+    "caption_budget_s": 40.0,
     "train_batch_size": 8,
     "train_rounds": 2,
     "train_slice_s": 0.0,
@@ -34,8 +37,10 @@ CPU_DEFAULTS = {
 GPU_DEFAULTS = {
     "rounds": 100,
     "slice_s": 0.0,
+    "budget_s": None,
     "caption_rounds": 10,
     "caption_slice_s": 0.0,
+    "caption_budget_s": None,
     "train_batch_size": 32,
     "train_rounds": 10,
     "train_slice_s": 0.0,
@@ -54,8 +59,10 @@ QUICK = {
     "baseline_train_batch_size": 2,
     "rounds": 1,
     "slice_s": 0.0,
+    "budget_s": None,
     "caption_rounds": 1,
     "caption_slice_s": 0.0,
+    "caption_budget_s": None,
     "train_rounds": 1,
     "train_slice_s": 0.0,
     "lora_rank": 4,
@@ -83,6 +90,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--rounds", type=int, default=None, help="Encoders: interleaved timing rounds.")
     parser.add_argument("--slice-s", type=float, default=None, help="Encoders: seconds each model runs per round.")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="Encoders: a model stops after this many timed seconds (>= 2 runs).",
+    )
     parser.add_argument("--image-size", type=int, default=224, help="Square input size in pixels.")
     parser.add_argument(
         "--projector-width", type=int, default=2048, help="Encoders: LM width CNNGemma projects to (Gemma-2B: 2048)."
@@ -102,6 +115,9 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=20, help="Captioning: tokens generated per image.")
     parser.add_argument("--caption-rounds", type=int, default=None, help="Captioning: timed runs per model.")
     parser.add_argument("--caption-slice-s", type=float, default=None, help="Captioning: seconds per model per round.")
+    parser.add_argument(
+        "--caption-budget-s", type=float, default=None, help="Captioning: a model stops after this many timed seconds."
+    )
     parser.add_argument("--train-batch-size", type=int, default=None, help="Training batch for the CNNGemma variants.")
     parser.add_argument("--baseline-train-batch-size", type=int, default=4, help="Training batch for the baseline.")
     parser.add_argument("--caption-tokens", type=int, default=20, help="Training: caption length in tokens.")
@@ -121,7 +137,7 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.iters is not None:
-        args.rounds, args.slice_s = args.iters, 0.0
+        args.rounds, args.slice_s, args.budget_s = args.iters, 0.0, None
     args.torch_dtype = DTYPES[args.dtype]
     return args
 
@@ -231,8 +247,11 @@ def run_benchmarks(args) -> dict:
     started = time.perf_counter()
     for section in sections:
         section_start = time.perf_counter()
+        load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
         results[section] = modules[section].run(args, args.device)
         results[section]["wall_s"] = time.perf_counter() - section_start
+        results[section]["date"] = machine_info(args.device)["date"]
+        results[section]["load_average_at_start"] = load  # other processes' load: these are shared CPUs
         gc.collect()
         plot = getattr(plots, f"plot_{section}")
         png = plot(results[section], args.output_dir / f"{section}{suffix}.png", f" ({results['machine']['device']})")

@@ -155,7 +155,13 @@ def run(args, device, log=print) -> dict:
             }
             log(f" batch {batch}")
             times = time_in_rounds(
-                cases, args.caption_rounds, args.caption_slice_s, device, on_run=memory.on_run, log=log
+                cases,
+                args.caption_rounds,
+                args.caption_slice_s,
+                device,
+                on_run=memory.on_run,
+                log=log,
+                budget_s=args.caption_budget_s,
             )
             for name, model in models.items():
                 runs = times[name]
@@ -184,6 +190,7 @@ def run(args, device, log=print) -> dict:
             "baseline": f"PaliGemmaForConditionalGeneration + SiglipVisionModel {args.baseline_siglip}",
             "rounds": args.caption_rounds,
             "slice_s": args.caption_slice_s,
+            "budget_s": args.caption_budget_s,
             "cnngemma_vision_channels_last": args.channels_last,
             "language_model_weights_mb": weight_megabytes(language_model),
             "memory": "peak rise over the resident weights during one run (CPU: RSS after malloc_trim)",

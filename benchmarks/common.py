@@ -249,16 +249,20 @@ def time_in_rounds(
     device: torch.device,
     on_run: Callable[[str, int], None] | None = None,
     log: Callable[[str], None] = print,
+    budget_s: float | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each case, measured in interleaved rounds so that load from other processes hits all alike.
 
     In each round every case runs once, then again until `slice_s` seconds of that round have passed: cheap cases
-    collect many runs, an expensive one (SigLIP so400m) exactly `rounds`. `on_run(name, round)` is called before the
-    first run of each case in each round (the memory probe uses it).
+    collect many runs, an expensive one (SigLIP so400m) one per round. A case that has spent `budget_s` timed seconds
+    sits out the remaining rounds once it has 2 runs. `on_run(name, round)` is called before the first run of each
+    case in each round (the memory probe uses it).
     """
     times = {name: [] for name in cases}
     for round_index in range(rounds):
         for name, fn in cases.items():
+            if budget_s is not None and len(times[name]) >= 2 and sum(times[name]) >= budget_s:
+                continue
             if on_run is not None:
                 on_run(name, round_index)
             round_start = time.perf_counter()
