@@ -21,7 +21,7 @@ def plot_encoders(result: dict, path: Path, title_suffix: str = "") -> Path:
     for i, row in enumerate(rows):
         value = row["images_per_s"]
         ax.barh(i, value["median"], xerr=_error(value), color=COLOURS[row["kind"]], capsize=3)
-        ax.text(value["median"] * 1.05, i, f"{value['median']:.1f}", va="center", fontsize=8)
+        ax.text(value["q3"] * 1.1, i, f"{value['median']:.1f}", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
