@@ -27,7 +27,8 @@ def probe_vision_tower(vision_model_name: str, image_size: int) -> tuple[int, in
     No weights are allocated and nothing is downloaded, so this is cheap enough to run for every config.
     """
     with torch.device("meta"):
-        model = timm.create_model(vision_model_name, pretrained=False, num_classes=0)
+        # eval(): a train-mode BatchNorm refuses a 1x1 map at batch 1 (image_size == total stride)
+        model = timm.create_model(vision_model_name, pretrained=False, num_classes=0).eval()
         reduction = model.feature_info[-1]["reduction"] if getattr(model, "feature_info", None) else 32
         if image_size < reduction:
             raise ValueError(

@@ -62,7 +62,7 @@ def _unused_children(vision_model_name: str, image_size: int) -> tuple[str, ...]
     feature map instead, so such modules would only be dead weights (and unused parameters break DDP).
     """
     with torch.device("meta"):
-        model = timm.create_model(vision_model_name, pretrained=False, num_classes=0)
+        model = timm.create_model(vision_model_name, pretrained=False, num_classes=0).eval()
     called = set()
     hooks = [
         child.register_forward_hook(lambda module, args, output, name=name: called.add(name))
