@@ -308,7 +308,7 @@ def apply_training_policy(model, args):
         vision_tower=not args.freeze_vision, multi_modal_projector=True, language_model=train_lm and args.lora_r == 0
     )
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r == 0:
         return model
     from peft import LoraConfig, get_peft_model

@@ -44,7 +44,12 @@ def test_shipped_configs_give_real_feature_shapes(name, encoder, num_tokens, fea
 
 @pytest.mark.parametrize(
     "encoder,image_size,expected_tokens",
-    [("resnet18", 256, 64), ("convnext_atto", 160, 25), ("mobilenetv3_large_100", 320, 100), ("mobilenetv3_large_100", 32, 1)],
+    [
+        ("resnet18", 256, 64),
+        ("convnext_atto", 160, 25),
+        ("mobilenetv3_large_100", 320, 100),
+        ("mobilenetv3_large_100", 32, 1),
+    ],
 )
 def test_num_image_tokens_follows_other_cnns_and_sizes(encoder, image_size, expected_tokens):
     config = CNNGemmaConfig(

@@ -217,7 +217,7 @@ def test_dtype_loading_and_no_split_modules(saved_model_dir):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_config, batch):
     plain, checkpointed = make_tiny_model(tiny_config), make_tiny_model(tiny_config)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert checkpointed.language_model.gradient_checkpointing
     losses = []
     for model in (plain, checkpointed):
