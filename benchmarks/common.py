@@ -5,30 +5,24 @@ Every model is randomly initialised (speed does not depend on the weights) and n
 
 import ctypes
 import datetime
+import json
 import os
 import platform
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-# Decoder shapes. "270m" is Gemma 3 270M (google/gemma-3-270m), "2b" PaliGemma-3B's Gemma-2B, "tiny" the test config.
+# Decoder shapes. "270m" is Gemma 3 270M (google/gemma-3-270m), "2b" PaliGemma-3B's Gemma-2B, "tiny" the test
+# config's decoder, read from configuration/tiny.json so that the two never drift apart.
+_TINY_JSON = Path(__file__).resolve().parents[1] / "configuration" / "tiny.json"
 LM_SHAPES = {
-    "tiny": {
-        "model_type": "gemma",
-        "hidden_size": 128,
-        "num_hidden_layers": 2,
-        "intermediate_size": 512,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 1,
-        "head_dim": 32,
-        "vocab_size": 1024,
-        "max_position_embeddings": 512,
-    },
+    "tiny": json.loads(_TINY_JSON.read_text())["text_config"],
     "270m": {
         "model_type": "gemma3_text",
         "hidden_size": 640,
