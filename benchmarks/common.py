@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-# Decoder shapes. "270m" is Gemma 3 270M (google/gemma-3-270m), "2b" PaliGemma-3B's Gemma-2B, "tiny" the test
-# config's decoder, read from configuration/tiny.json so that the two never drift apart.
+# Decoder shapes. "270m" is Gemma 3 270M (google/gemma-3-270m); "tiny" and "2b" (PaliGemma-3B's Gemma-2B) are read
+# from configuration/tiny.json and mobilenet_single.json so that they never drift from the shipped configs.
 _TINY_JSON = Path(__file__).resolve().parents[1] / "configuration" / "tiny.json"
 LM_SHAPES = {
     "tiny": json.loads(_TINY_JSON.read_text())["text_config"],
@@ -36,16 +36,7 @@ LM_SHAPES = {
         "query_pre_attn_scalar": 256,
         "max_position_embeddings": 32768,
     },
-    "2b": {
-        "model_type": "gemma",
-        "hidden_size": 2048,
-        "num_hidden_layers": 18,
-        "intermediate_size": 16384,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 1,
-        "head_dim": 256,
-        "vocab_size": 257216,
-    },
+    "2b": json.loads((_TINY_JSON.parent / "mobilenet_single.json").read_text())["text_config"],
 }
 
 # SigLIP vision towers: base/16-224 (google/siglip-base-patch16-224) and so400m/14 (PaliGemma's, here at 224 px).
