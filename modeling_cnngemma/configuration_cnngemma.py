@@ -63,6 +63,9 @@ class CNNGemmaConfig(PreTrainedConfig):
         vision_channels_last (`bool`): run the CNN in channels_last (NHWC) memory format, weights and input. Same
             outputs up to float rounding (checked in tests/test_fast_paths.py), measured 1.7-2.1x faster on CPU
             (benchmarks/); set False for the plain NCHW path.
+        vision_fold_batchnorm (`bool`): at inference (tower in eval mode, no gradient for its weights), run a cached
+            copy of the CNN with each BatchNorm folded into the conv before it. Same outputs up to float rounding
+            (tests/test_fast_paths.py), measured 1.3-1.4x faster on CPU (benchmarks/); training is unaffected.
 
     Derived (measured on the meta device, never read from kwargs): `vision_feature_dim`, `vision_grid`,
     `num_image_tokens`.
@@ -96,6 +99,7 @@ class CNNGemmaConfig(PreTrainedConfig):
     image_token_id: int = PALIGEMMA_IMAGE_TOKEN_ID
     prompt_prefix: str = "caption en"
     vision_channels_last: bool = True
+    vision_fold_batchnorm: bool = True
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 
@@ -131,6 +135,11 @@ class CNNGemmaConfig(PreTrainedConfig):
         if not isinstance(self.vision_channels_last, bool):
             raise ValueError(
                 f"vision_channels_last={self.vision_channels_last!r} must be a bool (True: NHWC fast path, False: NCHW)."
+            )
+        if not isinstance(self.vision_fold_batchnorm, bool):
+            raise ValueError(
+                f"vision_fold_batchnorm={self.vision_fold_batchnorm!r} must be a bool (True: fold BatchNorm into the "
+                "convs at inference, False: run the tower as built)."
             )
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
             raise ValueError(f"image_size={self.image_size!r} must be a positive int (pixels of the square input).")

@@ -1,19 +1,23 @@
-"""The vision fast path (`vision_channels_last`) gives the slow path's outputs and survives save/load."""
+"""The vision fast paths (`vision_channels_last`, `vision_fold_batchnorm`) give the slow path's outputs."""
 
 import pytest
 import torch
 from conftest import make_tiny_model, random_images
 
+from torch import nn
+
 from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration
+from modeling_cnngemma.modeling_cnngemma import fold_batchnorm
 
 # float32 convolutions reorder their sums in NHWC; measured differences are ~1e-8 on features of size ~1e-2
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def _pair(config):
-    """The same weights with the fast path on and off."""
+def _pair(config, **slow_fields):
+    """The same weights with the fast paths on and off (both off unless `slow_fields` says which)."""
     fast = make_tiny_model(config)
-    slow_config = CNNGemmaConfig.from_dict({**config.to_dict(), "vision_channels_last": False})
+    slow_fields = slow_fields or {"vision_channels_last": False, "vision_fold_batchnorm": False}
+    slow_config = CNNGemmaConfig.from_dict({**config.to_dict(), **slow_fields})
     slow = CNNGemmaForConditionalGeneration(slow_config).eval()
     slow.load_state_dict(fast.state_dict())
     return fast, slow
@@ -65,3 +69,186 @@ def test_channels_last_survives_save_and_from_pretrained(tiny_model, tmp_path):
 def test_vision_channels_last_must_be_bool(tiny_config):
     with pytest.raises(ValueError, match="vision_channels_last='yes' must be a bool"):
         CNNGemmaConfig.from_dict({**tiny_config.to_dict(), "vision_channels_last": "yes"})
+
+
+# ---------------------------------------------------------------------------------------------------- BatchNorm folding
+# Folding turns conv-then-scale into one conv with scaled weights: float32 rounding only, measured at ~2e-6 of the
+# features' size for both encoders with the statistics below.
+FOLD_RTOL, FOLD_ATOL = 1e-4, 1e-5
+
+
+def _with_batchnorm_statistics(model, seed: int = 0):
+    """timm initialises BatchNorm as the identity (mean 0, var 1, gamma 1, beta 0), which folding would leave alone;
+    trained towers are far from it, so draw statistics and affine weights that make every fold change the conv."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                shape = module.running_mean.shape
+                module.running_mean.copy_(0.5 * torch.randn(shape, generator=generator))
+                module.running_var.copy_(0.5 + 1.5 * torch.rand(shape, generator=generator))
+                module.weight.copy_(0.5 + torch.rand(shape, generator=generator))
+                module.bias.copy_(0.5 * torch.randn(shape, generator=generator))
+    return model
+
+
+def _encoder_model(vision_model_name, token_mode="multi"):
+    """A report encoder with a stub decoder, at 64 px: folding depends on the CNN only."""
+    config = CNNGemmaConfig(
+        vision_model_name=vision_model_name,
+        image_size=64,
+        token_mode=token_mode,
+        text_config={
+            "model_type": "gemma",
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "intermediate_size": 8,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "vocab_size": 16,
+        },
+        image_token_id=4,
+    )
+    torch.manual_seed(0)
+    return _with_batchnorm_statistics(CNNGemmaForConditionalGeneration(config).eval())
+
+
+def _tower_in_use(model):
+    """The tower `get_image_features` runs at inference (under no_grad, as generate() calls it)."""
+    with torch.no_grad():
+        return model.model.inference_vision_tower()
+
+
+def _unfolded_features(model, pixel_values):
+    model.config.vision_fold_batchnorm = False
+    try:
+        with torch.no_grad():
+            return model.get_image_features(pixel_values)
+    finally:
+        model.config.vision_fold_batchnorm = True
+
+
+@pytest.mark.parametrize("vision_model_name", ["mobilenetv3_large_100", "efficientnet_b0", "mobilenetv3_small_050"])
+def test_folded_batchnorm_gives_the_unfolded_features(vision_model_name):
+    model = _encoder_model(vision_model_name)
+    pixel_values = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        folded_features = model.get_image_features(pixel_values)
+    folded = _tower_in_use(model)
+    # every BatchNorm of these towers follows a conv, so none is left to run
+    assert folded is not model.vision_tower
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.vision_tower.modules()) > 10
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    expected = _unfolded_features(model, pixel_values)
+    assert not torch.equal(folded_features, expected)  # the folded path really ran
+    torch.testing.assert_close(folded_features, expected, rtol=FOLD_RTOL, atol=FOLD_ATOL * expected.abs().max().item())
+
+
+def test_folded_batchnorm_gives_the_same_captions(tiny_config, processor):
+    fast, slow = _pair(tiny_config, vision_fold_batchnorm=False)
+    for model in (fast, slow):
+        _with_batchnorm_statistics(model)
+    batch = processor(images=random_images(2), return_tensors="pt")
+    with torch.no_grad():
+        tokens_fast = fast.generate(**batch, max_new_tokens=6, do_sample=False)
+        tokens_slow = slow.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert _tower_in_use(fast) is not fast.vision_tower
+    assert _tower_in_use(slow) is slow.vision_tower
+    assert torch.equal(tokens_fast, tokens_slow)
+
+
+def test_folding_waits_for_eval_mode_and_no_tower_gradient():
+    model = _encoder_model("mobilenetv3_large_100", token_mode="single")
+    tower = model.vision_tower
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    # grad enabled and the tower trainable: the real tower runs and its weights get gradients
+    assert model.model.inference_vision_tower() is tower
+    model.get_image_features(pixel_values).sum().backward()
+    assert all(p.grad is not None for p in tower.parameters())
+    # a frozen tower may fold even with grad enabled (the decoder trains, the tower does not)
+    tower.requires_grad_(False)
+    assert model.model.inference_vision_tower() is not tower
+    tower.requires_grad_(True)
+    with torch.no_grad():
+        assert model.model.inference_vision_tower() is not tower
+        model.train()  # BatchNorm on batch statistics cannot be folded
+        assert model.model.inference_vision_tower() is tower
+        model.eval()
+        model.config.vision_fold_batchnorm = False
+        assert model.model.inference_vision_tower() is tower
+        model.config.vision_fold_batchnorm = True
+
+
+def test_folded_copy_follows_weight_changes():
+    """An optimizer step, load_state_dict and a dtype change each rebuild the folded copy; nothing stale is used."""
+    model = _encoder_model("efficientnet_b0")
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+    def check():
+        with torch.no_grad():
+            folded = model.get_image_features(pixel_values)
+        expected = _unfolded_features(model, pixel_values)
+        torch.testing.assert_close(folded, expected, rtol=FOLD_RTOL, atol=FOLD_ATOL * expected.abs().max().item())
+        return _tower_in_use(model)
+
+    first = check()
+    # an optimizer step on the tower (in eval mode, as the report's frozen-statistics fine-tuning does)
+    optimizer = torch.optim.SGD(model.vision_tower.parameters(), lr=0.5)
+    model.get_image_features(pixel_values).square().sum().backward()
+    optimizer.step()
+    second = check()
+    assert second is not first
+    # load_state_dict copies in place
+    other = _with_batchnorm_statistics(_encoder_model("efficientnet_b0"), seed=7)
+    model.load_state_dict(other.state_dict())
+    third = check()
+    assert third is not second
+    # unchanged weights reuse the copy
+    assert check() is third
+    model.to(torch.float64)
+    pixel_values = pixel_values.double()
+    assert check() is not third
+    assert next(_tower_in_use(model).parameters()).dtype == torch.float64
+
+
+def test_folding_leaves_the_global_random_state_alone():
+    model = _encoder_model("mobilenetv3_large_100", token_mode="single")
+    pixel_values = torch.randn(1, 3, 64, 64)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model.get_image_features(pixel_values)  # builds the folded copy, which runs a probe image
+    after_fold = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(torch.rand(4), after_fold)
+
+
+class _ConvReadTwice(nn.Module):
+    """A conv whose output feeds its BatchNorm and a residual: folding the BatchNorm would change the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward_features(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_fold_batchnorm_refuses_a_fold_that_changes_the_output():
+    tower = _with_batchnorm_statistics(_ConvReadTwice().eval())
+    example = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    result, count = fold_batchnorm(tower, example)
+    assert result is tower and count == 0
+    # the same conv and BatchNorm in a plain chain do fold
+    chain = _with_batchnorm_statistics(nn.Sequential(tower.conv, tower.bn).eval())
+    chain.forward_features = chain.forward
+    result, count = fold_batchnorm(chain, example)
+    assert result is not chain and count == 1
+    torch.testing.assert_close(result(example), chain(example), rtol=FOLD_RTOL, atol=FOLD_ATOL)
+
+
+def test_vision_fold_batchnorm_must_be_bool(tiny_config):
+    with pytest.raises(ValueError, match="vision_fold_batchnorm=1 must be a bool"):
+        CNNGemmaConfig.from_dict({**tiny_config.to_dict(), "vision_fold_batchnorm": 1})
