@@ -122,6 +122,7 @@ def build_cnngemma(
     image_size: int = 224,
     hidden_size: int | None = None,
     channels_last: bool = True,
+    fold_batchnorm: bool = True,
     seed: int = 0,
 ) -> nn.Module:
     """A CNNGemma variant. Without `language_model` it keeps the 1-layer stub: enough for `get_image_features`."""
@@ -136,6 +137,7 @@ def build_cnngemma(
         text_config=_stub_text_config(hidden),
         image_token_id=IMAGE_TOKEN_ID,
         vision_channels_last=channels_last,
+        vision_fold_batchnorm=fold_batchnorm,
     )
     torch.manual_seed(seed)
     model = CNNGemmaForConditionalGeneration(config)

@@ -35,7 +35,11 @@ def test_encoder_rows_and_ratios(quick_run):
     _, results = quick_run
     rows = results["encoders"]["rows"]
     kinds = [r["kind"] for r in rows]
-    assert kinds.count("timm") == 4 and kinds.count("cnngemma") == 4 and kinds.count("projector") == 2
+    assert kinds.count("timm") == 6 and kinds.count("cnngemma") == 4 and kinds.count("projector") == 2
+    # each encoder bare in NCHW, channels_last and channels_last + folded BN; CNNGemma runs the last (the default)
+    paths = {(r["encoder"], r["path"]) for r in rows if r["kind"] == "timm"}
+    assert {p for _, p in paths} == {"NCHW", "channels_last", "channels_last + folded BN"} and len(paths) == 6
+    assert {r["path"] for r in rows if r["kind"] == "cnngemma"} == {"channels_last + folded BN"}
     assert kinds.count("siglip") == 1
     assert all(_is_summary(r["images_per_s"]) and _is_summary(r["seconds_per_batch"]) for r in rows)
     for encoder in ("mobilenetv3_large_100", "efficientnet_b0"):
@@ -43,7 +47,14 @@ def test_encoder_rows_and_ratios(quick_run):
         assert entry["report_gpu_ratio"] == pytest.approx(
             {"mobilenetv3_large_100": 15.9, "efficientnet_b0": 7.2}[encoder], abs=0.05
         )
-        for key in ("plain_ratio", "default_path_ratio", "wrapper_single_vs_bare", "multi_vs_single"):
+        for key in (
+            "plain_ratio",
+            "default_path_ratio",
+            "channels_last_speedup",
+            "fold_batchnorm_speedup",
+            "wrapper_single_vs_bare",
+            "multi_vs_single",
+        ):
             assert entry[key] > 0, key
         assert isinstance(entry["default_path_target_met"], bool) and isinstance(entry["wrapper_target_met"], bool)
 
@@ -92,3 +103,19 @@ def test_summarize_quartiles():
         "max": 5.0,
         "n": 5,
     }
+
+
+def test_fast_paths_can_be_switched_off(tmp_path):
+    """--no-fold-batchnorm: CNNGemma runs channels_last alone, and the wrapper is compared with that bare row."""
+    main(["encoders", "--quick", "--no-fold-batchnorm", "--output-dir", str(tmp_path)])
+    encoders = json.loads((tmp_path / "benchmarks.json").read_text())["encoders"]
+    assert encoders["settings"]["cnngemma_vision_fold_batchnorm"] is False
+    assert {r["path"] for r in encoders["rows"] if r["kind"] == "cnngemma"} == {"channels_last"}
+    main(["encoders", "--quick", "--no-fold-batchnorm", "--no-channels-last", "--output-dir", str(tmp_path)])
+    encoders = json.loads((tmp_path / "benchmarks.json").read_text())["encoders"]
+    assert {r["path"] for r in encoders["rows"] if r["kind"] == "cnngemma"} == {"NCHW"}
+    entry = encoders["summary"]["efficientnet_b0"]
+    bare = next(r for r in encoders["rows"] if r["name"] == "efficientnet_b0 (timm, NCHW)")
+    single = next(r for r in encoders["rows"] if r["name"] == "CNNGemma efficientnet_single (get_image_features)")
+    assert entry["default_path"] == "NCHW"
+    assert entry["wrapper_single_vs_bare"] == single["images_per_s"]["median"] / bare["images_per_s"]["median"]
