@@ -5,6 +5,8 @@ Bare timm CNNs (NCHW, channels_last, channels_last with BatchNorm folded), CNNGe
 base/16 and so400m/14, all in one run.
 """
 
+import copy
+
 import torch
 
 from modeling_cnngemma.modeling_cnngemma import fold_batchnorm
@@ -23,12 +25,10 @@ def path_name(channels_last: bool, fold_batchnorm: bool) -> str:
     return f"{layout} + folded BN" if fold_batchnorm else layout
 
 
-def _bare_timm(encoder: str, device, dtype, channels_last: bool, fold: bool, example: torch.Tensor):
-    import timm
-
-    model = timm.create_model(encoder, pretrained=False, num_classes=0).eval().to(device, dtype)
+def _bare_timm(tower: torch.nn.Module, channels_last: bool, fold: bool, example: torch.Tensor):
+    """A copy of a CNNGemma vision tower as a bare timm model: the same weights, in the given fast path."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = copy.deepcopy(tower).to(memory_format=memory_format)
     if fold:
         model, _ = fold_batchnorm(model, example[:1].contiguous(memory_format=memory_format))
     return model, memory_format
@@ -42,24 +42,27 @@ def _cases(args, device, dtype, x, warm_ups: dict):
     if (args.channels_last, args.fold_batchnorm) not in bare_paths:
         bare_paths.append((args.channels_last, args.fold_batchnorm))
     for encoder in ("mobilenetv3_large_100", "efficientnet_b0"):
+        variants = {}
+        for variant, (name, mode) in VARIANTS.items():
+            if name == encoder:
+                variants[variant] = build_cnngemma(
+                    variant,
+                    image_size=args.image_size,
+                    hidden_size=args.projector_width,
+                    channels_last=args.channels_last,
+                    fold_batchnorm=args.fold_batchnorm,
+                ).to(device, dtype)
+        # bare rows run the single variant's own tower: same weights, so only the wrapper and the paths differ
+        tower = next(m for m in variants.values() if m.config.token_mode == "single").vision_tower
         for channels_last, fold in bare_paths:
-            model, memory_format = _bare_timm(encoder, device, dtype, channels_last, fold, x)
+            model, memory_format = _bare_timm(tower, channels_last, fold, x)
             path = path_name(channels_last, fold)
             cases[f"{encoder} (timm, {path})"] = (
                 {"encoder": encoder, "kind": "timm", "path": path},
                 lambda m=model, f=memory_format: m.forward_features(x.contiguous(memory_format=f)),
             )
-        for variant, (name, mode) in VARIANTS.items():
-            if name != encoder:
-                continue
-            model = build_cnngemma(
-                variant,
-                image_size=args.image_size,
-                hidden_size=args.projector_width,
-                channels_last=args.channels_last,
-                fold_batchnorm=args.fold_batchnorm,
-            )
-            model = model.to(device, dtype)
+        for variant, model in variants.items():
+            mode = model.config.token_mode
             cases[f"CNNGemma {variant} (get_image_features)"] = (
                 {"encoder": encoder, "kind": "cnngemma", "path": default_path, "token_mode": mode, "variant": variant},
                 lambda m=model: m.get_image_features(x),
