@@ -119,3 +119,16 @@ def test_fast_paths_can_be_switched_off(tmp_path):
     single = next(r for r in encoders["rows"] if r["name"] == "CNNGemma efficientnet_single (get_image_features)")
     assert entry["default_path"] == "NCHW"
     assert entry["wrapper_single_vs_bare"] == single["images_per_s"]["median"] / bare["images_per_s"]["median"]
+
+
+def test_all_on_cpu_shrinks_the_batches_that_siglip_makes_slow_and_flags_still_win():
+    from benchmarks.__main__ import CPU_ALL, CPU_DEFAULTS, parse_args
+
+    alone = parse_args(["captioning", "--device", "cpu"])
+    together = parse_args(["all", "--device", "cpu"])
+    assert alone.caption_batch_sizes == CPU_DEFAULTS["caption_batch_sizes"] == [1, 32]
+    assert together.caption_batch_sizes == CPU_ALL["caption_batch_sizes"] == [1, 8]
+    assert (together.train_batch_size, together.baseline_train_batch_size) == (4, 2)
+    assert together.batch_size == alone.batch_size == 32  # the encoders keep the report's protocol
+    explicit = parse_args(["all", "--device", "cpu", "--caption-batch-sizes", "1", "32", "--train-batch-size", "8"])
+    assert explicit.caption_batch_sizes == [1, 32] and explicit.train_batch_size == 8
