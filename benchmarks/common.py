@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import threading
 import time
@@ -242,13 +243,17 @@ def time_in_rounds(
 
     In each round every case runs once, then again until `slice_s` seconds of that round have passed: cheap cases
     collect many runs, an expensive one (SigLIP so400m) one per round. A case that has spent `budget_s` timed seconds
-    sits out the remaining rounds, so each case gets `rounds` runs or `budget_s` seconds, whichever comes first (the
-    report's CPU protocol: at least 5 runs or 30 s). `on_run(name, round)` is called before the first run of each
+    sits out the remaining rounds, so each case gets `rounds` rounds or `budget_s` seconds, whichever comes first
+    (the report's CPU protocol: at least 5 runs or 30 s). Each round runs the cases in a different (seeded) order,
+    so no case always follows the same one: on CPU the case before changes what is left in the caches. `on_run(name, round)` is called before the first run of each
     case in each round (the memory probe uses it).
     """
     times = {name: [] for name in cases}
     for round_index in range(rounds):
-        for name, fn in cases.items():
+        order = list(cases)
+        random.Random(round_index).shuffle(order)
+        for name in order:
+            fn = cases[name]
             if budget_s is not None and sum(times[name]) >= budget_s:
                 continue
             if on_run is not None:
