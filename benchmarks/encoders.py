@@ -43,7 +43,7 @@ def _cases(args, device, dtype, x, warm_ups: dict):
         bare_paths.append((args.channels_last, args.fold_batchnorm))
     for encoder in ("mobilenetv3_large_100", "efficientnet_b0"):
         variants = {}
-        for variant, (name, mode) in VARIANTS.items():
+        for variant, (name, _mode) in VARIANTS.items():
             if name == encoder:
                 variants[variant] = build_cnngemma(
                     variant,

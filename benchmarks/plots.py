@@ -53,7 +53,7 @@ def plot_captioning(result: dict, path: Path, title_suffix: str = "") -> Path:
         ax.set_xlim(0, max(left) * 1.35)
         ax.set_xlabel("seconds per batch (median)")
         ax.set_title(f"batch {batch}", fontsize=10)
-    axes[0][0].legend(fontsize=8, loc="lower right")
+    axes[0][0].legend(fontsize=8, loc="upper right")  # the baseline, the longest bar, is at the bottom
     settings = result["settings"]
     fig.suptitle(f"Captioning, LM {settings['lm_size']}, {settings['new_tokens']} new tokens{title_suffix}")
     fig.tight_layout()

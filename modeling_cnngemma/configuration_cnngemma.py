@@ -61,11 +61,11 @@ class CNNGemmaConfig(PreTrainedConfig):
         image_token_id (`int`): id of the `<image>` placeholder token.
         prompt_prefix (`str`): the default prompt the processor puts before the caption.
         vision_channels_last (`bool`): run the CNN in channels_last (NHWC) memory format, weights and input. Same
-            outputs up to float rounding (checked in tests/test_fast_paths.py), measured 1.7-2.1x faster on CPU
+            outputs up to float rounding (checked in tests/test_fast_paths.py), measured 1.5-1.7x faster on CPU
             (benchmarks/); set False for the plain NCHW path.
         vision_fold_batchnorm (`bool`): at inference (tower in eval mode, no gradient for its weights), run a cached
             copy of the CNN with each BatchNorm folded into the conv before it. Same outputs up to float rounding
-            (tests/test_fast_paths.py), measured 1.3-1.4x faster on CPU (benchmarks/); training is unaffected.
+            (tests/test_fast_paths.py), measured 1.2-1.45x faster on CPU (benchmarks/); training is unaffected.
 
     Derived (measured on the meta device, never read from kwargs): `vision_feature_dim`, `vision_grid`,
     `num_image_tokens`.

@@ -119,7 +119,7 @@ def fold_batchnorm(tower: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
         elif type(module) in (nn.BatchNorm2d, timm.layers.BatchNormAct2d) and module.track_running_stats:
             hooks.append(
                 module.register_forward_pre_hook(
-                    lambda module, args, name=name: pairs.append((conv_outputs.get(id(args[0]), (None, None)), name))
+                    lambda module, args, name=name: pairs.append((conv_outputs.get(id(args[0]), (None,))[0], name))
                 )
             )
     try:
@@ -133,7 +133,7 @@ def fold_batchnorm(tower: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
     modules = dict(folded.named_modules())
     count = 0
     with torch.no_grad():
-        for (conv_name, conv_output), norm_name in pairs:
+        for conv_name, norm_name in pairs:
             if conv_name is None:
                 continue
             conv, norm = modules[conv_name], modules[norm_name]
@@ -254,7 +254,9 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
         if not self.config.vision_fold_batchnorm or tower.training or torch.compiler.is_compiling():
             return tower
         # one pass over the modules: this runs on every call, and costs ~1 ms for EfficientNet-B0's 358 tensors
-        tensors = [t for m in tower.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        tensors = [
+            t for m in tower.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+        ]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return tower
         try:

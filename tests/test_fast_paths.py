@@ -3,7 +3,6 @@
 import pytest
 import torch
 from conftest import make_tiny_model, random_images
-
 from torch import nn
 
 from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration
