@@ -87,7 +87,7 @@ def text_config(lm_size: str):
     return AutoConfig.for_model(shape.pop("model_type"), **shape)
 
 
-def _stub_text_config(hidden_size: int) -> dict:
+def stub_text_config(hidden_size: int) -> dict:
     """A 1-layer, 16-token decoder of the right width: models are built with it, then get the shared decoder."""
     return {
         "model_type": "gemma",
@@ -135,7 +135,7 @@ def build_cnngemma(
         vision_model_name=vision_model_name,
         token_mode=token_mode,
         image_size=image_size,
-        text_config=_stub_text_config(hidden),
+        text_config=stub_text_config(hidden),
         image_token_id=IMAGE_TOKEN_ID,
         vision_channels_last=channels_last,
         vision_fold_batchnorm=fold_batchnorm,
@@ -170,7 +170,7 @@ def build_paligemma(
     hidden = language_model.config.hidden_size
     config = PaliGemmaConfig(
         vision_config=siglip_vision_config(siglip, image_size, use_head=False).to_dict(),
-        text_config=_stub_text_config(hidden),
+        text_config=stub_text_config(hidden),
         image_token_index=IMAGE_TOKEN_ID,
         projection_dim=hidden,
     )

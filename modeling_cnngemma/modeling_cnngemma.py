@@ -137,8 +137,10 @@ def fold_batchnorm(tower: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
             if conv_name is None:
                 continue
             conv, norm = modules[conv_name], modules[norm_name]
-            scale = norm.weight.float() / torch.sqrt(norm.running_var.float() + norm.eps)
-            shift = norm.bias.float() - norm.running_mean.float() * scale
+            scale = torch.rsqrt(norm.running_var.float() + norm.eps)
+            if norm.affine:
+                scale = norm.weight.float() * scale
+            shift = -norm.running_mean.float() * scale + (norm.bias.float() if norm.affine else 0.0)
             bias = shift if conv.bias is None else conv.bias.float() * scale + shift
             conv.weight.copy_(conv.weight.float() * scale.view(-1, 1, 1, 1))
             conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)

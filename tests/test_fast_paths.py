@@ -5,6 +5,7 @@ import torch
 from conftest import make_tiny_model, random_images
 from torch import nn
 
+from benchmarks.common import stub_text_config
 from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration
 from modeling_cnngemma.modeling_cnngemma import fold_batchnorm
 
@@ -97,16 +98,7 @@ def _encoder_model(vision_model_name, token_mode="multi"):
         vision_model_name=vision_model_name,
         image_size=64,
         token_mode=token_mode,
-        text_config={
-            "model_type": "gemma",
-            "hidden_size": 32,
-            "num_hidden_layers": 1,
-            "intermediate_size": 8,
-            "num_attention_heads": 1,
-            "num_key_value_heads": 1,
-            "head_dim": 8,
-            "vocab_size": 16,
-        },
+        text_config=stub_text_config(hidden_size=32),
         image_token_id=4,
     )
     torch.manual_seed(0)
@@ -245,6 +237,15 @@ def test_fold_batchnorm_refuses_a_fold_that_changes_the_output():
     chain.forward_features = chain.forward
     result, count = fold_batchnorm(chain, example)
     assert result is not chain and count == 1
+    torch.testing.assert_close(result(example), chain(example), rtol=FOLD_RTOL, atol=FOLD_ATOL)
+    # a BatchNorm without affine weights folds too
+    plain = nn.BatchNorm2d(3, affine=False)
+    plain.running_mean.copy_(tower.bn.running_mean)
+    plain.running_var.copy_(tower.bn.running_var)
+    chain = nn.Sequential(tower.conv, plain).eval()
+    chain.forward_features = chain.forward
+    result, count = fold_batchnorm(chain, example)
+    assert count == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in result.modules())
     torch.testing.assert_close(result(example), chain(example), rtol=FOLD_RTOL, atol=FOLD_ATOL)
 
 
