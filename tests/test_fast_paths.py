@@ -144,6 +144,7 @@ def test_folded_batchnorm_gives_the_same_captions(tiny_config, processor):
     with torch.no_grad():
         tokens_fast = fast.generate(**batch, max_new_tokens=6, do_sample=False)
         tokens_slow = slow.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert fast.model._folded_tower is not None and slow.model._folded_tower is None  # generate built it
     assert _tower_in_use(fast) is not fast.vision_tower
     assert _tower_in_use(slow) is slow.vision_tower
     assert torch.equal(tokens_fast, tokens_slow)
@@ -198,6 +199,7 @@ def test_folded_copy_follows_weight_changes():
     # unchanged weights reuse the copy
     assert check() is third
     model.to(torch.float64)
+    assert model.model._folded_tower is None  # a move frees the copy at once
     pixel_values = pixel_values.double()
     assert check() is not third
     assert next(_tower_in_use(model).parameters()).dtype == torch.float64
@@ -209,9 +211,53 @@ def test_folding_leaves_the_global_random_state_alone():
     torch.manual_seed(3)
     with torch.no_grad():
         model.get_image_features(pixel_values)  # builds the folded copy, which runs a probe image
+    assert model.model._folded_tower is not None
     after_fold = torch.rand(4)
     torch.manual_seed(3)
     assert torch.equal(torch.rand(4), after_fold)
+
+
+def test_towers_that_a_copy_cannot_stand_in_for_run_unfolded():
+    """A hook, a BatchNorm in train mode and a peft adapter each keep the real tower; so does an edit via `.data`
+    once `forget_folded_tower()` is called (its version counter does not move)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = _encoder_model("mobilenetv3_small_050", token_mode="single")
+    tower = model.vision_tower
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert _tower_in_use(model) is not tower
+
+    seen = []
+    hook = tower.conv_stem.register_forward_hook(lambda module, args, output: seen.append(output.shape[0]))
+    with torch.no_grad():
+        model.get_image_features(pixel_values)
+    assert _tower_in_use(model) is tower and seen == [2]  # the hook saw the real batch only, never a probe
+    hook.remove()
+
+    norm = next(m for m in tower.modules() if isinstance(m, nn.BatchNorm2d))
+    norm.train()  # test-time adaptation of one BatchNorm
+    tracked = int(norm.num_batches_tracked)
+    with torch.no_grad():
+        model.get_image_features(pixel_values)
+        model.get_image_features(pixel_values)
+    assert _tower_in_use(model) is tower and int(norm.num_batches_tracked) == tracked + 2
+    norm.eval()
+
+    with torch.no_grad():
+        before = model.get_image_features(pixel_values)
+        tower.conv_stem.weight.data.mul_(0.5)
+        model.model.forget_folded_tower()
+        after = model.get_image_features(pixel_values)
+    assert not torch.allclose(before, after)
+    expected = _unfolded_features(model, pixel_values)
+    torch.testing.assert_close(after, expected, rtol=FOLD_RTOL, atol=FOLD_ATOL * expected.abs().max().item())
+
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["conv_stem"], init_lora_weights=False), tower)
+    tower.requires_grad_(False)
+    with torch.no_grad():
+        adapted = model.get_image_features(pixel_values)
+    assert _tower_in_use(model) is tower
+    assert not torch.allclose(adapted, after)  # the adapter runs
 
 
 class _ConvReadTwice(nn.Module):
