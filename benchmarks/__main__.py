@@ -187,6 +187,11 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.iters is not None:
         args.rounds, args.slice_s, args.budget_s = args.iters, 0.0, None
+    if args.wrapper_pairs < 1:
+        parser.error(
+            f"--wrapper-pairs {args.wrapper_pairs}: expected at least 1 back-to-back bare/CNNGemma pair, the "
+            "wrapper ratio is measured from them. Drop the flag for the default (16 on CPU, 100 on GPU)."
+        )
     args.torch_dtype = DTYPES[args.dtype]
     return args
 

@@ -245,8 +245,8 @@ def time_in_rounds(
     collect many runs, an expensive one (SigLIP so400m) one per round. A case that has spent `budget_s` timed seconds
     sits out the remaining rounds, so each case gets `rounds` rounds or `budget_s` seconds, whichever comes first
     (the report's CPU protocol: at least 5 runs or 30 s). Each round runs the cases in a different (seeded) order,
-    so no case always follows the same one: on CPU the case before changes what is left in the caches. `on_run(name, round)` is called before the first run of each
-    case in each round (the memory probe uses it).
+    so no case always follows the same one: on CPU the case before changes what is left in the caches.
+    `on_run(name, round)` is called before the first run of each case in each round (the memory probe uses it).
     """
     times = {name: [] for name in cases}
     for round_index in range(rounds):

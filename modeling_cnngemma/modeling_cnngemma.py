@@ -89,7 +89,7 @@ def build_vision_tower(config: CNNGemmaConfig, pretrained: bool | str = False) -
 
 
 class _FoldedNorm(nn.Module):
-    """What is left of a BatchNorm once folded into its conv: timm's BatchNormAct2d keeps its dropout and activation."""
+    """What is left of a BatchNorm folded into its conv: timm's BatchNormAct2d keeps its dropout and activation."""
 
     def __init__(self, norm: nn.BatchNorm2d):
         super().__init__()
@@ -126,8 +126,9 @@ def fold_batchnorm(tower: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
 
     BN(conv(x)) = conv(x) * s + t with s = gamma / sqrt(var + eps) and t = beta - mean * s, so the conv's weights
     become W * s and its bias b * s + t, and the BatchNorm's pass over the activations disappears. Pairs are found
-    on a forward pass over `example`: a BatchNorm whose input is the very tensor a Conv2d returned. The copy is checked
-    against the tower on `example`; returns (copy, number of folded pairs), or (tower, 0) when the check fails.
+    on a forward pass over `example`: a BatchNorm whose input is the very tensor a Conv2d returned. The copy is
+    checked against the tower on `example`; returns (copy, number of folded pairs), or (tower, 0) when the check
+    fails.
     """
     conv_outputs, pairs, hooks = {}, [], []
     for name, module in tower.named_modules():

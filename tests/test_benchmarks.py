@@ -137,3 +137,15 @@ def test_all_on_cpu_shrinks_the_batches_that_siglip_makes_slow_and_flags_still_w
     assert together.batch_size == alone.batch_size == 32  # the encoders keep the report's protocol
     explicit = parse_args(["all", "--device", "cpu", "--caption-batch-sizes", "1", "32", "--train-batch-size", "8"])
     assert explicit.caption_batch_sizes == [1, 32] and explicit.train_batch_size == 8
+
+
+def test_wrapper_pairs_below_one_is_refused_with_the_fix(capsys):
+    from benchmarks.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["encoders", "--device", "cpu", "--wrapper-pairs", "0"])
+    assert exit_info.value.code == 2
+    assert (
+        "--wrapper-pairs 0: expected at least 1 back-to-back bare/CNNGemma pair, the wrapper ratio is measured "
+        "from them. Drop the flag for the default (16 on CPU, 100 on GPU)." in capsys.readouterr().err
+    )

@@ -71,7 +71,7 @@ def test_vision_channels_last_must_be_bool(tiny_config):
         CNNGemmaConfig.from_dict({**tiny_config.to_dict(), "vision_channels_last": "yes"})
 
 
-# ---------------------------------------------------------------------------------------------------- BatchNorm folding
+# ------------------------------------------------------------------------------------------------ BatchNorm folding
 # Folding turns conv-then-scale into one conv with scaled weights: float32 rounding only, measured at ~2e-6 of the
 # features' size for both encoders with the statistics below.
 FOLD_RTOL, FOLD_ATOL = 1e-4, 1e-5
