@@ -205,6 +205,37 @@ def test_folded_copy_follows_weight_changes():
     assert next(_tower_in_use(model).parameters()).dtype == torch.float64
 
 
+def test_folded_copy_follows_replaced_modules_and_weights():
+    """A child module or a weight swapped for a new object, and a move of the tower alone (not through the model's
+    `.to()`), each rebuild the copy: the per-call state check sees what `_foldable_tensors` would."""
+    model = _encoder_model("mobilenetv3_large_100", token_mode="single")
+    tower = model.vision_tower
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+    def check():
+        with torch.no_grad():
+            folded = model.get_image_features(pixel_values)
+        expected = _unfolded_features(model, pixel_values)
+        torch.testing.assert_close(folded, expected, rtol=FOLD_RTOL, atol=FOLD_ATOL * expected.abs().max().item())
+        return _tower_in_use(model)
+
+    first = check()
+    assert check() is first  # nothing changed: the copy is reused
+    tower.conv_stem.weight = nn.Parameter(-tower.conv_stem.weight.detach().clone())
+    second = check()
+    assert second is not first
+    tower.blocks[0][0].bn1.act = nn.Tanh().eval()  # a child of a BatchNormAct2d: the fold must keep the new activation
+    third = check()
+    assert third is not second and isinstance(third.blocks[0][0].bn1.act, nn.Tanh)
+    tower.to(torch.float64)  # the tower alone: the projector stays float32, so compare the towers themselves
+    fourth = _tower_in_use(model)
+    assert fourth is not third and next(fourth.parameters()).dtype == torch.float64
+    with torch.no_grad():
+        expected = tower.forward_features(pixel_values.double())
+        # folded in float64 too: only float64 rounding is left
+        torch.testing.assert_close(fourth.forward_features(pixel_values.double()), expected, rtol=1e-9, atol=1e-12)
+
+
 def test_folding_leaves_the_global_random_state_alone():
     model = _encoder_model("mobilenetv3_large_100", token_mode="single")
     pixel_values = torch.randn(1, 3, 64, 64)
