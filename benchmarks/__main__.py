@@ -107,7 +107,11 @@ def parse_args(argv=None):
         default=True,
         help="CNNGemma's vision_fold_batchnorm fast path (default on); --no-fold-batchnorm runs the BatchNorms.",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile every encoder row (encoders only).")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every encoder row (encoders only; the bare timm rows then run CNNGemma's path alone).",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="Encoder batch size (the report's: 32).")
     parser.add_argument(
         "--iters", type=int, default=None, help="Encoders: exactly this many timed runs per model (GPU default 100)."
@@ -200,6 +204,11 @@ def _fmt(summary: dict, digits: int = 1) -> str:
     return f"{summary['median']:.{digits}f} [{summary['q1']:.{digits}f}-{summary['q3']:.{digits}f}]"
 
 
+def _times(ratio: float | None, digits: int = 2) -> str:
+    """`1.40x`, or `-` for a ratio whose rows were not measured."""
+    return "-" if ratio is None else f"{ratio:.{digits}f}x"
+
+
 def markdown_tables(results: dict) -> str:
     """The three tables (medians with IQR in brackets) and the ratios, as Markdown."""
     out = []
@@ -222,9 +231,10 @@ def markdown_tables(results: dict) -> str:
                 f"| {r['name']} | {_fmt(r['images_per_s'])} | {1000 * r['seconds_per_batch']['median']:.0f} "
                 f"| {r['images_per_s']['n']} | {ratio:.1f}x |"
             )
+        where = f"{s['device'].split(':')[0].upper()} {s['dtype']}" + (" compiled" if s["compile"] else "")
         out += [
             "",
-            "| encoder | report GPU ratio | CPU plain fp32 ratio | CPU default-path ratio (target) "
+            f"| encoder | report GPU ratio | {where} plain ratio | {where} default-path ratio (target) "
             "| channels_last / folded BN speedup | single wrapper / bare timm, same path, paired [IQR] (target 95%) "
             "| multi / single throughput |",
             "|---|---|---|---|---|---|---|",
@@ -232,10 +242,10 @@ def markdown_tables(results: dict) -> str:
         for name in ("mobilenetv3_large_100", "efficientnet_b0"):
             e = enc["summary"][name]
             out.append(
-                f"| {name} | {e['report_gpu_ratio']:.1f}x | {e['plain_ratio']:.1f}x "
+                f"| {name} | {e['report_gpu_ratio']:.1f}x | {_times(e['plain_ratio'], 1)} "
                 f"| {e['default_path_ratio']:.1f}x ({e['default_path_target']:.0f}x: "
-                f"{'met' if e['default_path_target_met'] else 'not met'}) | {e['channels_last_speedup']:.2f}x / "
-                f"{e['fold_batchnorm_speedup']:.2f}x "
+                f"{'met' if e['default_path_target_met'] else 'not met'}) | {_times(e['channels_last_speedup'])} / "
+                f"{_times(e['fold_batchnorm_speedup'])} "
                 f"| {100 * e['wrapper_single_vs_bare']:.0f}% [{100 * e['wrapper_single_vs_bare_paired']['q1']:.0f}-"
                 f"{100 * e['wrapper_single_vs_bare_paired']['q3']:.0f}%] "
                 f"({'met' if e['wrapper_target_met'] else 'not met'}) | {100 * e['multi_vs_single']:.0f}% |"

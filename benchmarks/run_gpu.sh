@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU benchmark run as one prepared script: the report's Table I protocol and the end-to-end sections on a GPU.
+#
+#   bash benchmarks/run_gpu.sh [STEP ...]        # default: every step below, in order; results in results/gpu/
+#
+# Steps (each one `python -m benchmarks` run, stopped after its time limit so that one slow step cannot eat the rest):
+#   fp32          encoders, fp32, batch 32: the report's protocol (100 timed runs), for the table beside its Table I
+#   bf16          all three sections in bf16, batch 32 (CNNGemma's channels_last + folded BN on, as by default)
+#   bf16_b256     encoders, bf16, batch 256
+#   compile_b32   encoders, bf16, torch.compile, batch 32
+#   compile_b256  encoders, bf16, torch.compile, batch 256
+# After each step the results so far are packed into $ARCHIVE (default results/gpu.tgz), so a stopped run keeps them.
+# EXTRA is appended to every step: EXTRA="--quick --device cpu" is a dry run of the script in seconds.
+# PYTHON names the interpreter (default python).
+set -uo pipefail
+
+PYTHON=${PYTHON:-python}
+RESULTS=${RESULTS:-results/gpu}
+ARCHIVE=${ARCHIVE:-results/gpu.tgz}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$RESULTS"
+
+declare -A LIMIT=([fp32]=150 [bf16]=300 [bf16_b256]=150 [compile_b32]=330 [compile_b256]=300)
+declare -A ARGS=(
+    [fp32]="encoders --dtype fp32 --batch-size 32"
+    [bf16]="all --dtype bf16 --batch-size 32"
+    [bf16_b256]="encoders --dtype bf16 --batch-size 256"
+    [compile_b32]="encoders --dtype bf16 --compile --batch-size 32"
+    [compile_b256]="encoders --dtype bf16 --compile --batch-size 256"
+)
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(fp32 bf16 bf16_b256 compile_b32 compile_b256)
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    "$PYTHON" -c "import sys, torch, transformers, timm, peft; print(sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'timm', timm.__version__, 'peft', peft.__version__)"
+    nproc
+} 2>&1 | tee "$RESULTS/machine.txt"
+
+for step in "${steps[@]}"; do
+    [ -n "${ARGS[$step]:-}" ] || { echo "unknown step '$step': expected one of ${!ARGS[*]}"; exit 2; }
+    echo "=== $step: python -m benchmarks ${ARGS[$step]} (limit ${LIMIT[$step]} s)"
+    start=$SECONDS
+    # shellcheck disable=SC2086
+    timeout -k 5 "${LIMIT[$step]}" "$PYTHON" -m benchmarks ${ARGS[$step]} ${EXTRA:-} --output-dir "$RESULTS" --tag "gpu_$step" \
+        2>&1 | tee "$RESULTS/gpu_$step.log"
+    echo "=== $step: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$RESULTS/gpu_$step.log"
+    tar czf "$ARCHIVE" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
+done
