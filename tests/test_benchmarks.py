@@ -149,3 +149,34 @@ def test_wrapper_pairs_below_one_is_refused_with_the_fix(capsys):
         "--wrapper-pairs 0: expected at least 1 back-to-back bare/CNNGemma pair, the wrapper ratio is measured "
         "from them. Drop the flag for the default (16 on CPU, 100 on GPU)." in capsys.readouterr().err
     )
+
+
+def test_compiled_runs_time_the_bare_encoders_on_cnngemmas_path_only():
+    """Under --compile the bare rows run only CNNGemma's own path (channels_last, unfolded: the fold happens outside
+    the graph), and the ratios that need the other bare rows are None, shown as `-`."""
+    import torch
+
+    from benchmarks import encoders
+    from benchmarks.__main__ import markdown_tables, parse_args
+
+    args = parse_args(["encoders", "--quick", "--compile", "--device", "cpu"])
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    cases = encoders._cases(args, torch.device("cpu"), torch.float32, x, {})
+    bare = sorted(name for name, (meta, _) in cases.items() if meta["kind"] == "timm")
+    assert bare == ["efficientnet_b0 (timm, channels_last)", "mobilenetv3_large_100 (timm, channels_last)"]
+    assert encoders.default_path_of(args) == "channels_last"
+
+    rows = [
+        {"name": name, **meta, "images_per_s": {"median": 10.0 + i, "q1": 9.0, "q3": 11.0 + i, "n": 1}}
+        for i, (name, (meta, _)) in enumerate(cases.items())
+    ]
+    summary = encoders._summary(rows, "channels_last", {"mobilenetv3_large_100": [1.0], "efficientnet_b0": [0.9]})
+    entry = summary["efficientnet_b0"]
+    assert entry["plain_ratio"] is None and entry["channels_last_speedup"] is None
+    assert entry["wrapper_single_vs_bare"] == 0.9 and not entry["wrapper_target_met"]
+    for row in rows:
+        row["seconds_per_batch"] = {"median": 1 / row["images_per_s"]["median"]}
+    settings = {"batch_size": 2, "image_size": 64, "dtype": "fp32", "device": "cpu", "compile": True}
+    table = markdown_tables({"encoders": {"settings": settings, "rows": rows, "summary": summary}})
+    assert "| CPU fp32 compiled plain ratio |" in table
+    assert "| efficientnet_b0 | 7.2x | - |" in table and "| - / - |" in table
