@@ -304,10 +304,14 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
+    @property
+    def vision_memory_format(self) -> torch.memory_format:
+        """channels_last when `config.vision_channels_last`, else the contiguous (NCHW) format."""
+        return torch.channels_last if self.config.vision_channels_last else torch.contiguous_format
+
     def apply_vision_memory_format(self):
         """Puts the CNN's conv weights in the memory format `config.vision_channels_last` asks for."""
-        memory_format = torch.channels_last if self.config.vision_channels_last else torch.contiguous_format
-        self.vision_tower.to(memory_format=memory_format)
+        self.vision_tower.to(memory_format=self.vision_memory_format)
 
     def inference_vision_tower(self) -> nn.Module:
         """The tower to run: its BatchNorm-folded copy where folding changes nothing, else the tower itself.
@@ -335,18 +339,20 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
             return cached.folded
         # first call, or the tower changed since the copy was built: the full check, then a new copy
         self._folded_tower = None
+        modules = list(tower.modules())
         tensors = _foldable_tensors(tower)
-        if tensors is None or (grad_needed and any(t.requires_grad for t in tensors)):
+        if tensors is None:  # a module a copy cannot stand in for (a peft adapter), or no parameters (FSDP):
+            # remembered until the state changes, so such a tower pays for the full check once, not on every call
+            # (its tensors are not kept alive: a reused id could only keep it unfolded, never run a stale copy)
+            self._folded_tower = _FoldedTower(modules, [], _tower_state(modules), tower)
             return tower
-        if any(t.is_meta for t in tensors):  # offloaded weights: nothing to fold
-            return tower
+        if (grad_needed and any(t.requires_grad for t in tensors)) or any(t.is_meta for t in tensors):
+            return tower  # the tower trains, or its weights are offloaded: nothing to fold
         size, (dtype, device) = self.config.image_size, (tensors[0].dtype, tensors[0].device)
-        memory_format = torch.channels_last if self.config.vision_channels_last else torch.contiguous_format
         with torch.inference_mode(False):  # the copy's weights must stay usable outside inference_mode
             generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG (sampling) untouched
             example = torch.randn(1, 3, size, size, dtype=dtype, device=device, generator=generator)
-            folded, _ = fold_batchnorm(tower, example.contiguous(memory_format=memory_format))
-        modules = list(tower.modules())
+            folded, _ = fold_batchnorm(tower, example.contiguous(memory_format=self.vision_memory_format))
         self._folded_tower = _FoldedTower(modules, tensors, _tower_state(modules), folded)
         return folded
 
@@ -362,8 +368,8 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """Projected image features of shape (B, num_image_tokens, hidden_size)."""
         # channels_last: oneDNN / cuDNN convs run NHWC natively, NCHW pays layout conversions (benchmarks/)
-        memory_format = torch.channels_last if self.config.vision_channels_last else torch.contiguous_format
-        pixel_values = pixel_values.to(dtype=next(self.vision_tower.parameters()).dtype, memory_format=memory_format)
+        dtype = next(self.vision_tower.parameters()).dtype
+        pixel_values = pixel_values.to(dtype=dtype, memory_format=self.vision_memory_format)
         feature_map = self.inference_vision_tower().forward_features(pixel_values)  # (B, C, H, W)
         if self.config.token_mode == "single":
             features = feature_map.mean(dim=(2, 3)).unsqueeze(1)  # (B, C, H, W) -> (B, 1, C)

@@ -172,36 +172,38 @@ def test_folding_waits_for_eval_mode_and_no_tower_gradient():
         model.config.vision_fold_batchnorm = True
 
 
+def _checked_tower(model, pixel_values):
+    """Checks the features of the tower in use against the unfolded tower's; returns the tower in use."""
+    with torch.no_grad():
+        folded = model.get_image_features(pixel_values)
+    expected = _unfolded_features(model, pixel_values)
+    torch.testing.assert_close(folded, expected, rtol=FOLD_RTOL, atol=FOLD_ATOL * expected.abs().max().item())
+    return _tower_in_use(model)
+
+
 def test_folded_copy_follows_weight_changes():
     """An optimizer step, load_state_dict and a dtype change each rebuild the folded copy; nothing stale is used."""
     model = _encoder_model("efficientnet_b0")
     pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
-    def check():
-        with torch.no_grad():
-            folded = model.get_image_features(pixel_values)
-        expected = _unfolded_features(model, pixel_values)
-        torch.testing.assert_close(folded, expected, rtol=FOLD_RTOL, atol=FOLD_ATOL * expected.abs().max().item())
-        return _tower_in_use(model)
-
-    first = check()
+    first = _checked_tower(model, pixel_values)
     # an optimizer step on the tower (in eval mode, as the report's frozen-statistics fine-tuning does)
     optimizer = torch.optim.SGD(model.vision_tower.parameters(), lr=0.5)
     model.get_image_features(pixel_values).square().sum().backward()
     optimizer.step()
-    second = check()
+    second = _checked_tower(model, pixel_values)
     assert second is not first
     # load_state_dict copies in place
     other = _with_batchnorm_statistics(_encoder_model("efficientnet_b0"), seed=7)
     model.load_state_dict(other.state_dict())
-    third = check()
+    third = _checked_tower(model, pixel_values)
     assert third is not second
     # unchanged weights reuse the copy
-    assert check() is third
+    assert _checked_tower(model, pixel_values) is third
     model.to(torch.float64)
     assert model.model._folded_tower is None  # a move frees the copy at once
     pixel_values = pixel_values.double()
-    assert check() is not third
+    assert _checked_tower(model, pixel_values) is not third
     assert next(_tower_in_use(model).parameters()).dtype == torch.float64
 
 
@@ -212,20 +214,13 @@ def test_folded_copy_follows_replaced_modules_and_weights():
     tower = model.vision_tower
     pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
-    def check():
-        with torch.no_grad():
-            folded = model.get_image_features(pixel_values)
-        expected = _unfolded_features(model, pixel_values)
-        torch.testing.assert_close(folded, expected, rtol=FOLD_RTOL, atol=FOLD_ATOL * expected.abs().max().item())
-        return _tower_in_use(model)
-
-    first = check()
-    assert check() is first  # nothing changed: the copy is reused
+    first = _checked_tower(model, pixel_values)
+    assert _checked_tower(model, pixel_values) is first  # nothing changed: the copy is reused
     tower.conv_stem.weight = nn.Parameter(-tower.conv_stem.weight.detach().clone())
-    second = check()
+    second = _checked_tower(model, pixel_values)
     assert second is not first
     tower.blocks[0][0].bn1.act = nn.Tanh().eval()  # a child of a BatchNormAct2d: the fold must keep the new activation
-    third = check()
+    third = _checked_tower(model, pixel_values)
     assert third is not second and isinstance(third.blocks[0][0].bn1, nn.Tanh)  # the BatchNorm folded away
     tower.to(torch.float64)  # the tower alone: the projector stays float32, so compare the towers themselves
     fourth = _tower_in_use(model)
