@@ -18,7 +18,6 @@ PYTHON=${PYTHON:-python}
 RESULTS=${RESULTS:-results/gpu}
 ARCHIVE=${ARCHIVE:-results/gpu.tgz}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$RESULTS"
 
 declare -A LIMIT=([fp32]=150 [bf16]=300 [bf16_b256]=150 [compile_b32]=330 [compile_b256]=300)
 declare -A ARGS=(
@@ -30,6 +29,13 @@ declare -A ARGS=(
 )
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(fp32 bf16 bf16_b256 compile_b32 compile_b256)
+for step in "${steps[@]}"; do  # before any work: a typo must not cost a GPU lease
+    if [ -z "${ARGS[$step]:-}" ]; then
+        echo "run_gpu.sh: unknown step '$step'; expected any of: fp32 bf16 bf16_b256 compile_b32 compile_b256" >&2
+        exit 2
+    fi
+done
+mkdir -p "$RESULTS"
 
 {
     date -u
@@ -40,7 +46,6 @@ steps=("$@")
 } 2>&1 | tee "$RESULTS/machine.txt"
 
 for step in "${steps[@]}"; do
-    [ -n "${ARGS[$step]:-}" ] || { echo "unknown step '$step': expected one of ${!ARGS[*]}"; exit 2; }
     echo "=== $step: python -m benchmarks ${ARGS[$step]} (limit ${LIMIT[$step]} s)"
     start=$SECONDS
     # shellcheck disable=SC2086

@@ -180,3 +180,18 @@ def test_compiled_runs_time_the_bare_encoders_on_cnngemmas_path_only():
     table = markdown_tables({"encoders": {"settings": settings, "rows": rows, "summary": summary}})
     assert "| CPU fp32 compiled plain ratio |" in table
     assert "| efficientnet_b0 | 7.2x | - |" in table and "| - / - |" in table
+
+
+def test_gpu_script_refuses_an_unknown_step_before_doing_any_work(tmp_path):
+    """A typo in a step name stops run_gpu.sh at once, naming the steps it knows, before it writes anything."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
+    env = {"PATH": "/usr/bin:/bin", "RESULTS": str(tmp_path / "gpu"), "ARCHIVE": str(tmp_path / "gpu.tgz")}
+    done = subprocess.run(["bash", str(script), "fp32", "bf61"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert done.stderr == (
+        "run_gpu.sh: unknown step 'bf61'; expected any of: fp32 bf16 bf16_b256 compile_b32 compile_b256\n"
+    )
+    assert list(tmp_path.iterdir()) == []
