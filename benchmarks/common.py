@@ -6,6 +6,7 @@ Every model is randomly initialised (speed does not depend on the weights) and n
 import ctypes
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -269,6 +270,19 @@ def time_in_rounds(
                     break
         log(f"  round {round_index + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()))
     return times
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median: the j-th smallest and j-th largest value, with j the
+    largest rank at which fewer than j values fall below the median with probability <= (1 - confidence) / 2
+    (Binomial(n, 1/2)). It covers the median at least `confidence` of the time; for n < 9 it is the whole range."""
+    ordered = sorted(values)
+    n, tail = len(ordered), (1 - confidence) / 2
+    j, below = 1, 1 / 2**n  # below: P(Binomial(n, 1/2) <= j - 1)
+    while j < n // 2 and below + math.comb(n, j) / 2**n <= tail:
+        below += math.comb(n, j) / 2**n
+        j += 1
+    return ordered[j - 1], ordered[n - j]
 
 
 # ---------------------------------------------------------------------------------------------------- memory

@@ -2,17 +2,27 @@
 
 Bare timm CNNs (NCHW, channels_last, channels_last with BatchNorm folded), CNNGemma's own vision path
 (`get_image_features`, single and multi), the multi-mode projector alone, and transformers' SiglipVisionModel at
-base/16 and so400m/14, all in one run.
+base/16 and so400m/14, all in one run. Then the wrapper rounds: the bare encoder against CNNGemma's call around it,
+with an A/A control that shows how far the method itself wanders in this run.
 """
 
 import copy
+import functools
 import time
 
 import torch
 
 from modeling_cnngemma.modeling_cnngemma import fold_batchnorm
 
-from .common import VARIANTS, build_cnngemma, build_siglip, summarize, synchronize, time_in_rounds
+from .common import (
+    VARIANTS,
+    build_cnngemma,
+    build_siglip,
+    median_interval,
+    summarize,
+    synchronize,
+    time_in_rounds,
+)
 
 # The report's GPU measurement (batch 32, 224 px): images/s and the ratios over SigLIP it implies.
 REPORT_GPU = {"mobilenetv3_large_100": 3487.0, "efficientnet_b0": 1584.0, "siglip": 219.0}
@@ -33,6 +43,19 @@ def _bare_timm(tower: torch.nn.Module, channels_last: bool, fold: bool, example:
     if fold:
         model, _ = fold_batchnorm(model, example[:1].contiguous(memory_format=memory_format))
     return model, memory_format
+
+
+def _encoder_run_by(model, compiled: bool) -> torch.nn.Module:
+    """The timm module CNNGemma's `get_image_features` runs: the tower itself, or (eager, folding on) the BatchNorm-folded
+    copy CNNGemma caches, built here by asking for it. Compiled, CNNGemma runs the tower: the fold is not traced."""
+    if compiled:
+        return model.vision_tower
+    with torch.no_grad():  # a tower whose weights need gradients is never folded
+        return model.model.inference_vision_tower()
+
+
+def _forward_features(encoder: torch.nn.Module, x: torch.Tensor, memory_format: torch.memory_format):
+    return encoder.forward_features(x.contiguous(memory_format=memory_format))
 
 
 def default_path_of(args) -> str:
@@ -64,20 +87,26 @@ def _cases(args, device, dtype, x, warm_ups: dict):
                     channels_last=args.channels_last,
                     fold_batchnorm=args.fold_batchnorm,
                 ).to(device, dtype)
-        # bare rows run the single variant's own tower: same weights, so only the wrapper and the paths differ
-        tower = next(m for m in variants.values() if m.config.token_mode == "single").vision_tower
+        # Bare rows run the single variant's weights, so only the wrapper and the paths differ. On CNNGemma's own path
+        # the bare row runs the very module `get_image_features` runs: that row and CNNGemma's differ by the code
+        # around the encoder and nothing else (two copies of the same weights can differ by a few percent on CPU).
+        single = next(m for m in variants.values() if m.config.token_mode == "single")
         for channels_last, fold in bare_paths:
-            model, memory_format = _bare_timm(tower, channels_last, fold, x)
+            is_own = (channels_last, fold) == own_path
+            if is_own:
+                model, memory_format = _encoder_run_by(single, args.compile), single.model.vision_memory_format
+            else:
+                model, memory_format = _bare_timm(single.vision_tower, channels_last, fold, x)
             path = path_name(channels_last, fold)
             cases[f"{encoder} (timm, {path})"] = (
-                {"encoder": encoder, "kind": "timm", "path": path},
-                lambda m=model, f=memory_format: m.forward_features(x.contiguous(memory_format=f)),
+                {"encoder": encoder, "kind": "timm", "path": path, "cnngemma_module": is_own},
+                functools.partial(_forward_features, model, x, memory_format),
             )
         for variant, model in variants.items():
             mode = model.config.token_mode
             cases[f"CNNGemma {variant} (get_image_features)"] = (
                 {"encoder": encoder, "kind": "cnngemma", "path": default_path, "token_mode": mode, "variant": variant},
-                lambda m=model: m.get_image_features(x),
+                functools.partial(model.get_image_features, x),
             )
             if mode == "multi":
                 grid = model.config.vision_grid
@@ -125,16 +154,20 @@ def run(args, device, log=print) -> dict:
         times = time_in_rounds(calls, args.rounds, args.slice_s, device, log=log, budget_s=args.budget_s)
         default_path = default_path_of(args)
         wrapper = {
-            encoder: _paired_ratios(
+            encoder: wrapper_rounds(
                 calls[f"{encoder} (timm, {default_path})"],
                 calls[f"CNNGemma {variant} (get_image_features)"],
-                args.wrapper_pairs,
+                args.wrapper_rounds,
                 device,
             )
             for variant, (encoder, mode) in VARIANTS.items()
             if mode == "single"
         }
-        log("  wrapper / bare, paired: " + ", ".join(f"{e} {summarize(r)['median']:.3f}" for e, r in wrapper.items()))
+        for encoder, ratios in wrapper.items():
+            log(
+                f"  {encoder}: bare / wrapped {summarize(ratios['wrapper'])['median']:.3f}, "
+                f"A/A control {summarize(ratios['control'])['median']:.3f} ({args.wrapper_rounds} rounds)"
+            )
 
     rows = []
     for name, (meta, _) in built.items():
@@ -153,7 +186,7 @@ def run(args, device, log=print) -> dict:
             "rounds": args.rounds,
             "slice_s": args.slice_s,
             "budget_s": args.budget_s,
-            "wrapper_pairs": args.wrapper_pairs,
+            "wrapper_rounds": args.wrapper_rounds,
             "projector_width": args.projector_width,
             "inference_mode": True,
         },
@@ -163,22 +196,31 @@ def run(args, device, log=print) -> dict:
     }
 
 
-def _paired_ratios(bare, wrapped, pairs: int, device) -> list[float]:
-    """bare time / wrapped time over `pairs` back-to-back pairs, in A-B, B-A order by turns.
+# Each wrapper round runs the bare encoder twice and CNNGemma's call once, every call in every place by turns.
+ROUND_ORDERS = (("bare", "wrapped", "again"), ("wrapped", "again", "bare"), ("again", "bare", "wrapped"))
+
+
+def wrapper_rounds(bare, wrapped, rounds: int, device) -> dict[str, list[float]]:
+    """Per round, "wrapper": the mean of the two bare times over the wrapped time, and "control": the first bare time
+    over the second, an A/A ratio of one call against itself.
 
     The machine's speed drifts by tens of percent within minutes, more than the few percent the wrapper costs;
-    a ratio of two runs a moment apart cancels most of the drift that a ratio of two medians keeps.
+    a ratio of calls a moment apart cancels most of the drift that a ratio of two medians keeps. What it leaves shows
+    in the control: its spread is the method's own noise in this run (a little more than the wrapper ratio's, which
+    averages two bare calls). Rounds in multiples of 3 give each call each place equally often.
     """
-    ratios = []
-    for index in range(pairs):
+    calls = {"bare": bare, "wrapped": wrapped, "again": bare}
+    ratios = {"wrapper": [], "control": []}
+    for index in range(rounds):
         seconds = {}
-        for name, fn in (("bare", bare), ("wrapped", wrapped))[:: 1 if index % 2 == 0 else -1]:
+        for name in ROUND_ORDERS[index % len(ROUND_ORDERS)]:
             synchronize(device)
             start = time.perf_counter()
-            fn()
+            calls[name]()
             synchronize(device)
             seconds[name] = time.perf_counter() - start
-        ratios.append(seconds["bare"] / seconds["wrapped"])
+        ratios["wrapper"].append((seconds["bare"] + seconds["again"]) / 2 / seconds["wrapped"])
+        ratios["control"].append(seconds["bare"] / seconds["again"])
     return ratios
 
 
@@ -193,7 +235,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator if numerator is not None and denominator is not None else None
 
 
-def _summary(rows, default_path: str, wrapper: dict[str, list[float]]) -> dict:
+def _summary(rows, default_path: str, wrapper: dict[str, dict[str, list[float]]]) -> dict:
     """Ratios over SigLIP base/16 (plain and default path), fast-path speedups, wrapper overhead, multi-mode cost.
 
     A ratio whose rows were not measured (the NCHW and channels_last bare rows under --compile) is None.
@@ -209,7 +251,7 @@ def _summary(rows, default_path: str, wrapper: dict[str, list[float]]) -> dict:
         single = _median(rows, kind="cnngemma", encoder=encoder, token_mode="single")
         multi = _median(rows, kind="cnngemma", encoder=encoder, token_mode="multi")
         projector = _median(rows, kind="projector", encoder=encoder)
-        paired = summarize(wrapper[encoder])
+        paired, control = summarize(wrapper[encoder]["wrapper"]), summarize(wrapper[encoder]["control"])
         summary[encoder] = {
             "report_gpu_ratio": report_ratio[encoder],
             "plain_ratio": _ratio(plain, siglip),
@@ -220,10 +262,13 @@ def _summary(rows, default_path: str, wrapper: dict[str, list[float]]) -> dict:
             "channels_last_speedup": _ratio(cl, plain),
             "fold_batchnorm_speedup": _ratio(cl_folded, cl),  # on top of channels_last
             "default_path_speedup": _ratio(single, plain),  # CNNGemma's single path against the bare NCHW encoder
-            # the wrapper against the bare timm model running the same fast paths: paired runs (the target), and
-            # the ratio of the two rows' medians above
+            # the wrapper against the bare timm module it runs: the wrapper rounds (the target) with their A/A
+            # control, and the ratio of the two rows' medians above
             "wrapper_single_vs_bare": paired["median"],
             "wrapper_single_vs_bare_paired": paired,
+            "wrapper_single_vs_bare_ci95": median_interval(wrapper[encoder]["wrapper"]),
+            "wrapper_control": control,
+            "wrapper_control_ci95": median_interval(wrapper[encoder]["control"]),
             "wrapper_single_vs_bare_medians": single / bare_default,
             "wrapper_target": WRAPPER_TARGET,
             "wrapper_target_met": paired["median"] >= WRAPPER_TARGET,

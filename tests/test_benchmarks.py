@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks.__main__ import main
-from benchmarks.common import BASELINE, VARIANTS, summarize
+from benchmarks.common import BASELINE, VARIANTS, median_interval, summarize
 
 MODELS = {*VARIANTS, BASELINE}
 
@@ -105,6 +105,19 @@ def test_summarize_quartiles():
     }
 
 
+def test_median_interval_covers_the_true_median_about_95_percent_of_the_time():
+    """2,000 samples of 30 draws from a distribution with a known median (an exponential's, ln 2): the interval holds
+    it in 95.7% of them (the binomial coverage for n = 30). With 3 values it is the whole range."""
+    import math
+    import random
+
+    rng = random.Random(0)
+    samples = [[rng.expovariate(1.0) for _ in range(30)] for _ in range(2000)]
+    covered = sum(low <= math.log(2) <= high for low, high in map(median_interval, samples)) / len(samples)
+    assert 0.94 <= covered <= 0.975
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
+
+
 def test_fast_paths_can_be_switched_off(tmp_path):
     """--no-fold-batchnorm: CNNGemma runs channels_last alone, and the wrapper is compared with that bare row."""
     main(["encoders", "--quick", "--no-fold-batchnorm", "--output-dir", str(tmp_path)])
@@ -121,8 +134,8 @@ def test_fast_paths_can_be_switched_off(tmp_path):
     assert entry["wrapper_single_vs_bare_medians"] == (
         single["images_per_s"]["median"] / bare["images_per_s"]["median"]
     )
-    # the target uses back-to-back pairs of the same two calls: --quick runs 2
-    assert entry["wrapper_single_vs_bare_paired"]["n"] == 2
+    # the target uses rounds of the same calls back to back, each with an A/A control: --quick runs 3
+    assert entry["wrapper_single_vs_bare_paired"]["n"] == entry["wrapper_control"]["n"] == 3
     assert entry["wrapper_single_vs_bare"] == entry["wrapper_single_vs_bare_paired"]["median"]
 
 
@@ -139,16 +152,71 @@ def test_all_on_cpu_shrinks_the_batches_that_siglip_makes_slow_and_flags_still_w
     assert explicit.caption_batch_sizes == [1, 32] and explicit.train_batch_size == 8
 
 
-def test_wrapper_pairs_below_one_is_refused_with_the_fix(capsys):
+def test_wrapper_rounds_below_one_are_refused_with_the_fix(capsys):
     from benchmarks.__main__ import parse_args
 
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["encoders", "--device", "cpu", "--wrapper-pairs", "0"])
+        parse_args(["encoders", "--device", "cpu", "--wrapper-rounds", "0"])
     assert exit_info.value.code == 2
     assert (
-        "--wrapper-pairs 0: expected at least 1 back-to-back bare/CNNGemma pair, the wrapper ratio is measured "
-        "from them. Drop the flag for the default (16 on CPU, 100 on GPU)." in capsys.readouterr().err
+        "--wrapper-rounds 0: expected at least 1 round of bare, CNNGemma, bare calls, the wrapper ratio is measured "
+        "from them (a multiple of 3 puts each call in each place equally often). Drop the flag for the default "
+        "(60 on CPU, 15 in `all`, 99 on GPU)." in capsys.readouterr().err
     )
+
+
+def test_wrapper_rounds_give_each_call_each_place_and_an_a_a_control(monkeypatch):
+    """Per round: the two bare times' mean over the wrapped time, and the first bare time over the second. The bare
+    call slows down by a second each time it runs (drift), so a control that mixed up the two bare calls would show."""
+    import torch
+
+    from benchmarks import encoders
+
+    clock, order, bare_runs = [0.0], [], []
+
+    def bare():
+        bare_runs.append(None)
+        order.append("bare")
+        clock[0] += len(bare_runs)  # 1 s, 2 s, 3 s, ...
+
+    def wrapped():
+        order.append("wrapped")
+        clock[0] += 10.0
+
+    monkeypatch.setattr(encoders.time, "perf_counter", lambda: clock[0])
+    ratios = encoders.wrapper_rounds(bare, wrapped, 3, torch.device("cpu"))
+    # round 1 runs bare (1 s), wrapped, again (2 s); round 2 wrapped, again (3 s), bare (4 s); round 3 again (5 s),
+    # bare (6 s), wrapped
+    assert [order[3 * i : 3 * i + 3].index("wrapped") for i in range(3)] == [1, 0, 2]
+    assert ratios["wrapper"] == pytest.approx([1.5 / 10, 3.5 / 10, 5.5 / 10])
+    assert ratios["control"] == pytest.approx([1 / 2, 4 / 3, 6 / 5])
+
+
+def test_the_bare_row_on_cnngemmas_path_runs_the_very_module_cnngemma_runs():
+    """The wrapper ratio compares CNNGemma's call with the folded copy it runs itself, not with a second copy of the
+    weights: the two differ by CNNGemma's code around the encoder (pooling, projector, the fold check) alone."""
+    import torch
+
+    from benchmarks import encoders
+    from benchmarks.__main__ import parse_args
+
+    args = parse_args(["encoders", "--quick", "--device", "cpu"])
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    cases = encoders._cases(args, torch.device("cpu"), torch.float32, x, {})
+    for variant in ("mobilenet_single", "efficientnet_single"):
+        encoder = VARIANTS[variant][0]
+        model = cases[f"CNNGemma {variant} (get_image_features)"][1].func.__self__
+        with torch.no_grad():
+            folded = model.model.inference_vision_tower()
+        assert folded is not model.vision_tower  # folding is on: CNNGemma runs its cached copy
+        for path in ("NCHW", "channels_last", "channels_last + folded BN"):
+            meta, bare = cases[f"{encoder} (timm, {path})"]
+            own = path == "channels_last + folded BN"
+            assert meta["cnngemma_module"] is own and (bare.args[0] is folded) is own, path
+        with torch.inference_mode():
+            feature_map = bare()
+            pooled = model.model.multi_modal_projector(feature_map.mean(dim=(2, 3)).unsqueeze(1))
+            torch.testing.assert_close(model.get_image_features(x), pooled, rtol=0, atol=0)
 
 
 def test_compiled_runs_time_the_bare_encoders_on_cnngemmas_path_only():
@@ -165,12 +233,19 @@ def test_compiled_runs_time_the_bare_encoders_on_cnngemmas_path_only():
     bare = sorted(name for name, (meta, _) in cases.items() if meta["kind"] == "timm")
     assert bare == ["efficientnet_b0 (timm, channels_last)", "mobilenetv3_large_100 (timm, channels_last)"]
     assert encoders.default_path_of(args) == "channels_last"
+    # compiled, CNNGemma runs its tower unfolded: the bare row runs that very tower
+    model = cases["CNNGemma mobilenet_single (get_image_features)"][1].func.__self__
+    assert cases["mobilenetv3_large_100 (timm, channels_last)"][1].args[0] is model.vision_tower
 
     rows = [
         {"name": name, **meta, "images_per_s": {"median": 10.0 + i, "q1": 9.0, "q3": 11.0 + i, "n": 1}}
         for i, (name, (meta, _)) in enumerate(cases.items())
     ]
-    summary = encoders._summary(rows, "channels_last", {"mobilenetv3_large_100": [1.0], "efficientnet_b0": [0.9]})
+    wrapper = {"mobilenetv3_large_100": [1.0], "efficientnet_b0": [0.9]}
+    summary = encoders._summary(
+        rows, "channels_last", {encoder: {"wrapper": r, "control": [1.0]} for encoder, r in wrapper.items()}
+    )
+    assert summary["efficientnet_b0"]["wrapper_single_vs_bare_ci95"] == (0.9, 0.9)
     entry = summary["efficientnet_b0"]
     assert entry["plain_ratio"] is None and entry["channels_last_speedup"] is None
     assert entry["wrapper_single_vs_bare"] == 0.9 and not entry["wrapper_target_met"]
