@@ -270,3 +270,47 @@ def test_gpu_script_refuses_an_unknown_step_before_doing_any_work(tmp_path):
         "run_gpu.sh: unknown step 'bf61'; expected any of: fp32 bf16 bf16_b256 compile_b32 compile_b256\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_malloc_keep_lets_a_second_big_tensor_reuse_the_pages_of_the_first():
+    """glibc by default hands a freed 16 MB tensor back to the system, so the next one page-faults all 4k pages in
+    again; after keep_freed_memory() the next one reuses them (the biggest activation of a batch of 32 here is 51 MB;
+    blocks of 64 MB and more still come fresh). In a Python of its own: the setting is process-wide."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = (
+        "import resource, torch\n"
+        "from benchmarks.common import keep_freed_memory\n"
+        "def faults_of_a_second_tensor():\n"
+        "    torch.ones(4 << 20)\n"  # 16 MB, allocated, touched, freed
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    torch.ones(4 << 20)\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+        "glibc = faults_of_a_second_tensor()\n"
+        "keep_freed_memory()\n"
+        "print(glibc, faults_of_a_second_tensor())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
+    glibc, keep = map(int, done.stdout.split())
+    pages = (16 << 20) // 4096
+    assert glibc >= pages // 2 and keep < pages // 20, (glibc, keep)
+
+
+def test_malloc_keep_without_glibc_says_what_to_do(monkeypatch):
+    import ctypes
+
+    from benchmarks import common
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_glibc)
+    with pytest.raises(RuntimeError) as error:
+        common.keep_freed_memory()
+    assert str(error.value) == (
+        "--malloc keep tunes glibc's malloc, and this system has no glibc (libc.so.6: cannot open shared object "
+        "file). Drop the flag, or use your allocator's own settings (jemalloc, tcmalloc) through the environment."
+    )
