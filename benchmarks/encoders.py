@@ -8,6 +8,7 @@ with an A/A control that shows how far the method itself wanders in this run.
 
 import copy
 import functools
+import statistics
 import time
 
 import torch
@@ -159,6 +160,8 @@ def run(args, device, log=print) -> dict:
                 calls[f"CNNGemma {variant} (get_image_features)"],
                 args.wrapper_rounds,
                 device,
+                log=log,
+                label=encoder,
             )
             for variant, (encoder, mode) in VARIANTS.items()
             if mode == "single"
@@ -200,14 +203,15 @@ def run(args, device, log=print) -> dict:
 ROUND_ORDERS = (("bare", "wrapped", "again"), ("wrapped", "again", "bare"), ("again", "bare", "wrapped"))
 
 
-def wrapper_rounds(bare, wrapped, rounds: int, device) -> dict[str, list[float]]:
+def wrapper_rounds(bare, wrapped, rounds: int, device, log=None, label: str = "") -> dict[str, list[float]]:
     """Per round, "wrapper": the mean of the two bare times over the wrapped time, and "control": the first bare time
     over the second, an A/A ratio of one call against itself.
 
     The machine's speed drifts by tens of percent within minutes, more than the few percent the wrapper costs;
     a ratio of calls a moment apart cancels most of the drift that a ratio of two medians keeps. What it leaves shows
     in the control: its spread is the method's own noise in this run (a little more than the wrapper ratio's, which
-    averages two bare calls). Rounds in multiples of 3 give each call each place equally often.
+    averages two bare calls). Rounds in multiples of 3 give each call each place equally often. `log` hears the
+    medians so far five times along the way.
     """
     calls = {"bare": bare, "wrapped": wrapped, "again": bare}
     ratios = {"wrapper": [], "control": []}
@@ -221,6 +225,9 @@ def wrapper_rounds(bare, wrapped, rounds: int, device) -> dict[str, list[float]]
             seconds[name] = time.perf_counter() - start
         ratios["wrapper"].append((seconds["bare"] + seconds["again"]) / 2 / seconds["wrapped"])
         ratios["control"].append(seconds["bare"] / seconds["again"])
+        if log is not None and (index + 1) % max(rounds // 5, 1) == 0:
+            so_far = {k: statistics.median(v) for k, v in ratios.items()}
+            log(f"  {label} wrapper round {index + 1}/{rounds}: {so_far['wrapper']:.3f}, A/A {so_far['control']:.3f}")
     return ratios
 
 
