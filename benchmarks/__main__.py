@@ -1,6 +1,6 @@
 """Runs the benchmarks and writes results/benchmarks.json and the PNGs.
 
-python -m benchmarks all              # encoders + captioning + training, ~8.5 minutes on 2 CPU cores
+python -m benchmarks all              # encoders + captioning + training, ~9.5 minutes on 2 CPU cores
 python -m benchmarks encoders --batch-size 32 --dtype bf16 --compile
 python -m benchmarks captioning --lm-size 270m
 python -m benchmarks all --quick      # seconds: tiny shapes, what the tests run
@@ -39,7 +39,7 @@ CPU_DEFAULTS = {
     "train_slice_s": 0.0,
 }
 # `all` on CPU keeps the encoders at full size and shrinks the batches that SigLIP so400m makes slow (one batch-32
-# caption takes it ~2 minutes on 2 cores), so the three sections take ~8.5 minutes there (README, Benchmarks).
+# caption takes it ~2 minutes on 2 cores), so the three sections take ~9.5 minutes there (README, Benchmarks).
 CPU_ALL = {
     **CPU_DEFAULTS,
     "wrapper_rounds": 15,
