@@ -273,11 +273,11 @@ def markdown_tables(results: dict) -> str:
             )
         out.append("")
     if "captioning" in results:
-        cap = section = results["captioning"]
+        cap = results["captioning"]
         s = cap["settings"]
         out += [
             f"**Captioning** (LM {s['lm_size']}, {s['new_tokens']} new tokens, greedy, KV cache, {s['dtype']}, "
-            f"{s['device']}{_malloc(section)}; median [IQR])",
+            f"{s['device']}{_malloc(cap)}; median [IQR])",
             "",
             "| model | batch | image tokens | captions/s | latency p50 / p95 (s) | vision / prefill / decode (s) "
             "| peak memory (MB) | speedup |",
@@ -303,11 +303,11 @@ def markdown_tables(results: dict) -> str:
             "",
         ]
     if "training" in results:
-        tr = section = results["training"]
+        tr = results["training"]
         s = tr["settings"]
         out += [
             f"**Training** (LM {s['lm_size']}, caption {s['caption_tokens']} tokens, AdamW, {s['dtype']}, "
-            f"{s['device']}{_malloc(section)}; median [IQR])",
+            f"{s['device']}{_malloc(tr)}; median [IQR])",
             "",
             "| model | policy | batch | samples/s | peak memory (MB) | trainable params | vs baseline |",
             "|---|---|---|---|---|---|---|",

@@ -47,8 +47,9 @@ def _bare_timm(tower: torch.nn.Module, channels_last: bool, fold: bool, example:
 
 
 def _encoder_run_by(model, compiled: bool) -> torch.nn.Module:
-    """The timm module CNNGemma's `get_image_features` runs: the tower itself, or (eager, folding on) the BatchNorm-folded
-    copy CNNGemma caches, built here by asking for it. Compiled, CNNGemma runs the tower: the fold is not traced."""
+    """The timm module CNNGemma's `get_image_features` runs: the tower itself, or (eager, folding on) the
+    BatchNorm-folded copy CNNGemma caches, built here by asking for it. Compiled, CNNGemma runs the tower: the fold
+    is not traced."""
     if compiled:
         return model.vision_tower
     with torch.no_grad():  # a tower whose weights need gradients is never folded
@@ -90,7 +91,7 @@ def _cases(args, device, dtype, x, warm_ups: dict):
                 ).to(device, dtype)
         # Bare rows run the single variant's weights, so only the wrapper and the paths differ. On CNNGemma's own path
         # the bare row runs the very module `get_image_features` runs: that row and CNNGemma's differ by the code
-        # around the encoder and nothing else (two copies of the same weights can differ by a few percent on CPU).
+        # around the encoder and nothing else (a second copy of the weights would add where its tensors lie in memory).
         single = next(m for m in variants.values() if m.config.token_mode == "single")
         for channels_last, fold in bare_paths:
             is_own = (channels_last, fold) == own_path
