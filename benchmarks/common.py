@@ -279,9 +279,8 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     ordered = sorted(values)
     n, tail = len(ordered), (1 - confidence) / 2
     j, below = 1, 1 / 2**n  # below: P(Binomial(n, 1/2) <= j - 1)
-    while j < n // 2 and below + math.comb(n, j) / 2**n <= tail:
-        below += math.comb(n, j) / 2**n
-        j += 1
+    while j < n // 2 and (next_below := below + math.comb(n, j) / 2**n) <= tail:
+        below, j = next_below, j + 1
     return ordered[j - 1], ordered[n - j]
 
 
@@ -364,9 +363,14 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _glibc(function: str):
+    """A function of glibc's malloc; OSError or AttributeError where the C library is not glibc."""
+    return getattr(ctypes.CDLL("libc.so.6"), function)
+
+
 def _malloc_trim():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _glibc("malloc_trim")(0)
     except (OSError, AttributeError):
         pass
 
@@ -384,7 +388,7 @@ def keep_freed_memory():
     free pages back before each block it measures.
     """
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        mallopt = _glibc("mallopt")
     except (OSError, AttributeError) as error:
         raise RuntimeError(
             f"--malloc keep tunes glibc's malloc, and this system has no glibc ({error}). Drop the flag, or use "

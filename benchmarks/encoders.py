@@ -167,11 +167,6 @@ def run(args, device, log=print) -> dict:
             for variant, (encoder, mode) in VARIANTS.items()
             if mode == "single"
         }
-        for encoder, ratios in wrapper.items():
-            log(
-                f"  {encoder}: bare / wrapped {summarize(ratios['wrapper'])['median']:.3f}, "
-                f"A/A control {summarize(ratios['control'])['median']:.3f} ({args.wrapper_rounds} rounds)"
-            )
 
     rows = []
     for name, (meta, _) in built.items():
@@ -212,7 +207,7 @@ def wrapper_rounds(bare, wrapped, rounds: int, device, log=None, label: str = ""
     a ratio of calls a moment apart cancels most of the drift that a ratio of two medians keeps. What it leaves shows
     in the control: its spread is the method's own noise in this run (a little more than the wrapper ratio's, which
     averages two bare calls). Rounds in multiples of 3 give each call each place equally often. `log` hears the
-    medians so far five times along the way.
+    medians so far five times along the way and at the end.
     """
     calls = {"bare": bare, "wrapped": wrapped, "again": bare}
     ratios = {"wrapper": [], "control": []}
@@ -226,7 +221,7 @@ def wrapper_rounds(bare, wrapped, rounds: int, device, log=None, label: str = ""
             seconds[name] = time.perf_counter() - start
         ratios["wrapper"].append((seconds["bare"] + seconds["again"]) / 2 / seconds["wrapped"])
         ratios["control"].append(seconds["bare"] / seconds["again"])
-        if log is not None and (index + 1) % max(rounds // 5, 1) == 0:
+        if log is not None and ((index + 1) % max(rounds // 5, 1) == 0 or index + 1 == rounds):
             so_far = {k: statistics.median(v) for k, v in ratios.items()}
             log(f"  {label} wrapper round {index + 1}/{rounds}: {so_far['wrapper']:.3f}, A/A {so_far['control']:.3f}")
     return ratios
