@@ -7,9 +7,10 @@ Unreadable images get an error line naming the file; the rest are captioned and 
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from modeling_cnngemma import check_source
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 
@@ -49,17 +50,6 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return paths, errors
 
 
-def check_model_source(model_name: str) -> str | None:
-    """An error line when --model is neither an existing folder nor a Hub id that can be fetched."""
-    if Path(model_name).exists():
-        return None
-    if model_name.startswith((".", "/", "~")) or model_name.count("/") > 1:
-        return f"error: --model {model_name}: no such folder."
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return f"error: --model {model_name} looks like a Hub id, but HF_HUB_OFFLINE=1; pass a local folder."
-    return None
-
-
 def load(model_name: str, revision: str | None, device: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -78,8 +68,10 @@ def open_image(path: Path):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if problem := check_model_source(str(args.model)):
-        print(problem, file=sys.stderr)
+    try:
+        check_source(args.model, "--model")
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     import torch
     from tqdm.auto import tqdm

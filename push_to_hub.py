@@ -12,25 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dataset_builder.push import PushError, hub_api, hub_call, push_dataset
+
 VARIANTS = ("mobilenet_single", "mobilenet_multi", "efficientnet_single", "efficientnet_multi")
-METRICS = (  # metrics.json key, model-index metric type, display name
-    ("bleu_1", "bleu", "BLEU-1"),
-    ("bleu_2", "bleu", "BLEU-2"),
-    ("bleu_3", "bleu", "BLEU-3"),
-    ("bleu_4", "bleu", "BLEU-4"),
-    ("meteor", "meteor", "METEOR"),
-    ("rouge_l", "rouge", "ROUGE-L"),
-    ("cider", "cider", "CIDEr"),
-)
-TRANSFORMERS_REQUIREMENT = ">=5.24,<6"
-GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-LOAD_TIME_KEYS = {"is_local", "local_files_only", "_commit_hash", "cache_dir", "token", "use_auth_token"}
 SECRET_KEY = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
-
-
-class PushError(Exception):
-    """An error the user can fix; `main` prints it as one line and exits with status 1."""
 
 
 def parse_args(argv=None):
@@ -65,9 +52,15 @@ def parse_args(argv=None):
         metavar="DIR",
         help="Write the folder(s) that would be uploaded to DIR (must not exist or be empty), list them, send nothing.",
     )
-    parser.add_argument("--token", help="A Hub token with write access (default: HF_TOKEN or the `hf auth login` one).")
-    parser.add_argument("--max_shard_size", default="5GB", help="Weights are split into safetensors shards above this.")
-    parser.add_argument("--license", help="License id for the card (default: gemma with Gemma weights, else apache-2.0).")
+    parser.add_argument(
+        "--token", help="A Hub token with write access (default: HF_TOKEN or the `hf auth login` one)."
+    )
+    parser.add_argument(
+        "--max_shard_size", default="5GB", help="Weights are split into safetensors shards above this."
+    )
+    parser.add_argument(
+        "--license", help="License id for the card (default: gemma with Gemma weights, else apache-2.0)."
+    )
     parser.add_argument("--base_model", action="append", help="Hub id of a base model for the card; repeatable.")
     parser.add_argument("--datasets", action="append", help="Hub id of a training dataset for the card; repeatable.")
     args = parser.parse_args(argv)
@@ -140,57 +133,54 @@ def load_processor(model_dir: Path):
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     # AutoTokenizer would read config.json's auto_map and ask to run remote code; the class is named here anyway.
     tokenizer_class = tokenizer_class_from_name(tokenizer_config.get("tokenizer_class") or "") or AutoTokenizer
+    tokenizer = tokenizer_class.from_pretrained(model_dir)
+    # from_pretrained records how it loaded (is_local, local_files_only); save_pretrained would write that out.
+    for key in ("is_local", "local_files_only"):
+        tokenizer.init_kwargs.pop(key, None)
     template = model_dir / "chat_template.jinja"
     return CNNGemmaProcessor(
         image_processor,
-        tokenizer_class.from_pretrained(model_dir),
+        tokenizer,
         num_image_tokens=saved["num_image_tokens"],
         prompt_prefix=saved["prompt_prefix"],
         chat_template=template.read_text(encoding="utf-8") if template.is_file() else None,
     )
 
 
-def tidy_configs(folder: Path) -> None:
-    """Points every auto_map entry ("owner/repo--module.Class" included) at a module file in `folder`, and drops
-    the load-time keys (`is_local`, `local_files_only`, ...) that a re-saved tokenizer writes into its config."""
+def auto_map_references(node):
+    """Every class reference under an `auto_map` key, however deep (processor_config.json nests one)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "auto_map" and isinstance(value, dict):
+                for reference in value.values():  # AutoTokenizer maps to [slow, fast]
+                    yield from reference if isinstance(reference, list) else [reference]
+            else:
+                yield from auto_map_references(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from auto_map_references(item)
 
-    def local(reference, where):
-        if reference is None:
-            return None
-        if isinstance(reference, list):  # AutoTokenizer: [slow, fast]
-            return [local(item, where) for item in reference]
-        reference = reference.split("--", 1)[-1]
-        if not (folder / f"{reference.rsplit('.', 1)[0]}.py").is_file():
-            raise PushError(f"{where}: auto_map entry {reference!r} names a module file that is not in the folder.")
-        return reference
 
-    def walk(node, where):
-        if isinstance(node, dict):
-            for key in LOAD_TIME_KEYS & node.keys():
-                del node[key]
-            for key, value in node.items():
-                if key == "auto_map" and isinstance(value, dict):
-                    node[key] = {cls: local(ref, where) for cls, ref in value.items()}
-                else:
-                    walk(value, where)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item, where)
-
+def check_auto_maps(folder: Path) -> None:
+    """The re-save wrote every auto_map; refuse to upload one that still points outside the folder."""
     for path in sorted(folder.glob("*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        before = json.dumps(data, sort_keys=True)
-        walk(data, path.name)
-        if json.dumps(data, sort_keys=True) != before:
-            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for reference in auto_map_references(json.loads(path.read_text(encoding="utf-8"))):
+            if reference and ("--" in reference or not (folder / f"{reference.rsplit('.', 1)[0]}.py").is_file()):
+                raise PushError(
+                    f"{path.name}: auto_map entry {reference!r} does not name a module file in the upload folder "
+                    "(expected e.g. 'modeling_cnngemma.CNNGemmaForConditionalGeneration'). Nothing was sent. Fix: "
+                    "re-save the model and processor with this repository's modeling_cnngemma classes."
+                )
 
 
 def read_metrics(model_dir: Path) -> dict:
+    from metrics.caption_metrics import METRIC_KEYS
+
     path = model_dir / "metrics.json"
     if not path.is_file():
         raise PushError(f"--model_dir {model_dir}: no metrics.json. Expected the test evaluation train_hf.py writes.")
     metrics = json.loads(path.read_text(encoding="utf-8"))
-    missing = [key for key, _, _ in METRICS if not isinstance(metrics.get(key), (int, float))]
+    missing = [key for key in METRIC_KEYS if not isinstance(metrics.get(key), (int, float))]
     if missing:
         raise PushError(f"{path}: no numeric {', '.join(missing)}. Expected train_hf.py's metrics.json format.")
     return metrics
@@ -217,7 +207,7 @@ def prepare_folder(model_dir, out: Path, args, repo_id: str) -> dict:
     # Re-saving through this repo's classes writes its remote-code files and local auto_map entries.
     model.save_pretrained(out, max_shard_size=args.max_shard_size)
     processor.save_pretrained(out)
-    tidy_configs(out)
+    check_auto_maps(out)
     shutil.copyfile(model_dir / "metrics.json", out / "metrics.json")
     facts = {
         "repo_id": repo_id,
@@ -228,7 +218,7 @@ def prepare_folder(model_dir, out: Path, args, repo_id: str) -> dict:
         "transformers_version": transformers_version,
         "merged_lora": args.merge_lora,
     }
-    (out / "README.md").write_text(model_card(facts, args), encoding="utf-8")
+    model_card(facts, args).save(out / "README.md")
     return facts
 
 
@@ -250,14 +240,15 @@ def hub_ids(values) -> list[str]:
     return [v for v in values if isinstance(v, str) and HUB_ID.match(v) and not os.path.exists(v)]
 
 
-def card_metadata(facts: dict, args) -> tuple[dict, bool]:
-    """The card's YAML metadata and whether Gemma weights are inside."""
+def card_data(facts: dict, args):
+    """The card's metadata (`ModelCardData`, with the scores as model-index results) and whether Gemma is inside."""
     from huggingface_hub import EvalResult, ModelCardData
 
+    from metrics.caption_metrics import METRIC_KEYS, METRIC_NAMES
+
     config, train_args, metrics = facts["config"], facts["train_args"], facts["metrics"]
-    language_model = train_args.get("language_model")
     has_gemma = holds_gemma(config, train_args)
-    base_models = list(args.base_model or hub_ids([language_model]))
+    base_models = list(args.base_model or hub_ids([train_args.get("language_model")]))
     vision_pretrained = train_args.get("vision_pretrained")
     if not args.base_model and vision_pretrained and not os.path.exists(str(vision_pretrained)):
         import timm
@@ -274,11 +265,11 @@ def card_metadata(facts: dict, args) -> tuple[dict, bool]:
             dataset_type=dataset_name,
             dataset_name=f"{dataset_name} ({split})",
             dataset_split=split,
-            metric_type=metric_type,
-            metric_name=name,
+            metric_type=key.split("_")[0],  # bleu_1 -> bleu, rouge_l -> rouge: the Hub's metric ids
+            metric_name=METRIC_NAMES[key],
             metric_value=round(float(metrics[key]), 4),
         )
-        for key, metric_type, name in METRICS
+        for key in METRIC_KEYS
     ]
     data = ModelCardData(
         library_name="transformers",
@@ -291,179 +282,82 @@ def card_metadata(facts: dict, args) -> tuple[dict, bool]:
         model_name=facts["repo_id"].split("/")[-1],
         eval_results=results,
     )
-    return data.to_dict(), has_gemma
+    return data, has_gemma
 
 
 def results_table(rows: list[tuple[str, dict]]) -> str:
+    from metrics.caption_metrics import METRIC_KEYS, METRIC_NAMES
+
     speed_keys = sorted(
         {k for _, m in rows for k, v in m.items() if k.endswith("_per_second") and isinstance(v, (int, float))}
     )
-    header = ["model", "images", *[name for _, _, name in METRICS], *speed_keys]
+    header = ["model", "images", *[METRIC_NAMES[key] for key in METRIC_KEYS], *speed_keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, metrics in rows:
         cells = [label, f"{metrics.get('num_images', '?')}"]
-        cells += [f"{float(metrics[key]):.4f}" for key, _, _ in METRICS]
+        cells += [f"{float(metrics[key]):.4f}" for key in METRIC_KEYS]
         cells += [f"{metrics[key]:.1f}" if key in metrics else "-" for key in speed_keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def model_card(facts: dict, args) -> str:
-    import yaml
+def model_card(facts: dict, args):
+    """The model card: values computed here, prose in templates/model_card.md."""
+    from huggingface_hub import ModelCard
 
-    metadata, has_gemma = card_metadata(facts, args)
-    config, metrics, train_args, repo_id = facts["config"], facts["metrics"], facts["train_args"], facts["repo_id"]
-    text = config.text_config
-    tokens = "1 image token (the globally pooled final feature map)" if config.token_mode == "single" else (
-        f"{config.num_image_tokens} image tokens (every position of the {config.vision_grid[0]}x"
-        f"{config.vision_grid[1]} final feature map)"
-    )
-    if has_gemma:
-        license_text = (
-            f"The decoder holds Gemma weights, so the [Gemma Terms of Use]({GEMMA_TERMS}) apply to this model and to "
-            "anything derived from it."
-        )
+    data, has_gemma = card_data(facts, args)
+    config, metrics, train_args = facts["config"], facts["metrics"], facts["train_args"]
+    if config.token_mode == "single":
+        tokens = "1 image token (the globally pooled final feature map)"
     else:
-        license_text = (
-            f"`{metadata['license']}`. The decoder was initialised from scratch, not from Gemma weights; if you swap "
-            f"in Gemma weights, the [Gemma Terms of Use]({GEMMA_TERMS}) apply."
-        )
-    if train_args:
-        settings = "\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in sorted(train_args.items()))
-        settings = f"From `train_args.json` (the `train_hf.py` flags):\n\n| flag | value |\n|---|---|\n{settings}"
-    else:
-        settings = "No `train_args.json` was found next to the weights, so the training flags are not recorded here."
-    speed = [k for k in metrics if k.endswith("_per_second")]
-    speed_text = (
-        "Speed columns come from `metrics.json` (measured during the evaluation that produced the scores)."
-        if speed
-        else "`metrics.json` records no speed for this run; see the project README's benchmark tables."
-    )
+        rows, columns = config.vision_grid
+        tokens = f"{config.num_image_tokens} image tokens (every position of the {rows}x{columns} final feature map)"
     history = metrics.get("history") or []
-    history_text = (
-        f"Validation ran {len(history)} time(s) during training (`metrics.json` -> `history`); the last at "
-        f"step {history[-1].get('step', '?')}: CIDEr {float(history[-1].get('cider', float('nan'))):.4f}."
-        if history
-        else "No validation history was recorded."
+    last_validation = None
+    if history:
+        last = history[-1]
+        last_validation = {
+            "runs": len(history),
+            "step": last.get("step", "?"),
+            "cider": float(last.get("cider", "nan")),
+        }
+    return ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATES / "model_card.md"),
+        model_name=data.model_name,
+        repo_id=facts["repo_id"],
+        variant=variant_name(config),
+        config=config,
+        text=config.text_config,
+        tokens=tokens,
+        vocab_size=f"{config.text_config.vocab_size:,}",
+        num_parameters=f"{facts['num_parameters']:,}",
+        merged_lora=facts["merged_lora"],
+        trained_on=", ".join(f"`{name}`" for name in data.datasets or []) or "see `train_args.json`",
+        settings="\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in sorted(train_args.items())),
+        metrics=metrics,
+        results_table=results_table([(variant_name(config), metrics)]),
+        has_speed=any(key.endswith("_per_second") for key in metrics),
+        last_validation=last_validation,
+        transformers_version=facts["transformers_version"],
+        has_gemma=has_gemma,
     )
-    revision_hint = "<commit sha>"
-    body = f"""
-# {repo_id.split("/")[-1]}
-
-CNNGemma captions satellite and aerial images. It keeps PaliGemma's layout and swaps the SigLIP vision tower for a
-small timm CNN: the CNN's final feature map is projected into a Gemma-family decoder as image tokens, followed by
-the prompt `{config.prompt_prefix}`.
-
-**Variant `{variant_name(config)}`:** encoder `{config.vision_model_name}` at {config.image_size} px, {tokens},
-{config.projector_type} projector ({config.vision_feature_dim} -> {text.hidden_size}), decoder `{text.model_type}`
-with {text.num_hidden_layers} layers of width {text.hidden_size} and a {text.vocab_size:,}-token vocabulary.
-{facts["num_parameters"]:,} parameters{" (a LoRA adapter merged into the base weights)" if facts["merged_lora"] else ""}.
-
-## Training data and settings
-
-Trained with `train_hf.py` to step {metrics.get("step", "?")} on RISCM-style caption data
-({", ".join(f"`{d}`" for d in metadata.get("datasets") or []) or "see `train_args.json`"}): remote-sensing images
-with up to five English captions each, from RSICD, UCM-Captions and NWPU-Captions, de-duplicated by
-`dataset_builder`.
-
-{settings}
-
-## Results
-
-Multi-reference coco-caption scores (each predicted caption against all of its image's references; BLEU,
-METEOR, ROUGE-L, CIDEr-D) on the `{metrics.get("split", "test")}` split:
-
-{results_table([(variant_name(config), metrics)])}
-
-{speed_text} {history_text}
-
-## Usage
-
-The code lives in this repository (remote code), so pass `trust_remote_code=True`, and pin `revision` to a commit
-you have read: later commits can change the code that runs.
-
-```python
-import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-repo, revision = "{repo_id}", "{revision_hint}"
-model = AutoModelForImageTextToText.from_pretrained(repo, revision=revision, trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained(repo, revision=revision, trust_remote_code=True)
-
-inputs = processor(images=Image.open("scene.jpg"), text="{config.prompt_prefix}")
-with torch.no_grad():
-    output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
-print(processor.post_process_image_text_to_text(output, input_ids=inputs["input_ids"]))
-```
-
-It also works with `pipeline("image-text-to-text", model=repo, revision=revision, trust_remote_code=True)`,
-called as `pipe(images=image, text="{config.prompt_prefix}", return_full_text=False)` or with a chat whose user
-turn holds one image and the prompt.
-
-Requirements: `transformers{TRANSFORMERS_REQUIREMENT}` (saved with {facts["transformers_version"]}), `timm>=1.0.20`,
-`torch`, `pillow`.
-
-## License
-
-{license_text}
-
-## Limitations
-
-- English captions in the style of RSICD, UCM-Captions and NWPU-Captions; one image (RGB, resized to
-  {config.image_size} px without cropping) per caption. Other sensors, bands or resolutions were not evaluated.
-- Counts, colours and positions of small objects are the most frequent errors; captions can state objects that
-  are not there. Do not use it for decisions about people, property or safety without human review.
-- {"One pooled token cannot say where things are; positions are guesses." if config.token_mode == "single" else
-   "Multi-token inputs are slower to decode than the single-token variant."}
-
-## Citation
-
-```bibtex
-@misc{{cnngemma,
-  title  = {{CNNGemma: PaliGemma with a CNN vision encoder for satellite and aerial image captioning}},
-  note   = {{Project report}}
-}}
-@article{{lu2017rsicd,
-  title   = {{Exploring Models and Data for Remote Sensing Image Caption Generation}},
-  author  = {{Lu, Xiaoqiang and Wang, Binqiang and Zheng, Xiangtao and Li, Xuelong}},
-  journal = {{IEEE Transactions on Geoscience and Remote Sensing}},
-  volume  = {{56}}, number = {{4}}, pages = {{2183--2195}}, year = {{2018}}
-}}
-@inproceedings{{qu2016ucm,
-  title     = {{Deep Semantic Understanding of High Resolution Remote Sensing Image}},
-  author    = {{Qu, Bo and Li, Xuelong and Tao, Dacheng and Lu, Xiaoqiang}},
-  booktitle = {{International Conference on Computer, Information and Telecommunication Systems (CITS)}},
-  year      = {{2016}}
-}}
-@article{{cheng2022nwpu,
-  title   = {{NWPU-Captions Dataset and MLCA-Net for Remote Sensing Image Captioning}},
-  author  = {{Cheng, Qimin and Huang, Haiyan and Xu, Yuan and Zhou, Yuzhuo and Li, Huanying and Wang, Zhongyuan}},
-  journal = {{IEEE Transactions on Geoscience and Remote Sensing}},
-  volume  = {{60}}, year = {{2022}}
-}}
-```
-"""
-    return "---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True) + "---\n" + body
 
 
-def index_card(namespace: str, pushed: list[tuple[str, dict]], has_gemma: bool) -> str:
-    import yaml
+def index_card(pushed: list[tuple[str, dict]], has_gemma: bool):
+    from huggingface_hub import ModelCard, ModelCardData
 
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "image-text-to-text",
-        "license": "gemma" if has_gemma else "apache-2.0",
-        "tags": ["remote-sensing", "image-captioning", "cnngemma"],
-    }
-    links = "\n".join(f"- [`{repo}`](https://huggingface.co/{repo})" for repo, _ in pushed)
-    return (
-        "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n# CNNGemma variants\n\n"
-        "PaliGemma's layout with a timm CNN as the vision tower, for satellite and aerial image captioning. "
-        "Four variants: MobileNetV3-L or EfficientNet-B0, with 1 pooled image token or every position of the "
-        f"feature map. Each repository holds its remote code, weights, processor and card.\n\n{links}\n\n"
-        f"## Results\n\n{results_table(pushed)}\n\nLoad one with `AutoModelForImageTextToText.from_pretrained(repo, "
-        "revision=..., trust_remote_code=True)` and `AutoProcessor` (see each card).\n"
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license="gemma" if has_gemma else "apache-2.0",
+        tags=["remote-sensing", "image-captioning", "cnngemma"],
+    )
+    return ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATES / "index_card.md"),
+        links="\n".join(f"- [`{repo}`](https://huggingface.co/{repo})" for repo, _ in pushed),
+        results_table=results_table(pushed),
     )
 
 
@@ -481,20 +375,6 @@ def new_empty_dir(path) -> Path:
     return folder
 
 
-def hub_call(what: str, secret: str | None, function, /, *args, **kwargs):
-    """Runs one Hub request; any failure (network, offline mode, auth) becomes one line without the token."""
-    try:
-        return function(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001 - every Hub failure gets the same one-line report
-        message = (str(error).strip().splitlines() or [""])[0]
-        if secret:
-            message = message.replace(secret, "***")
-        raise PushError(
-            f"{what} failed: {type(error).__name__}: {message}. Nothing local was changed. Fix: check network "
-            "access to huggingface.co (HF_HUB_OFFLINE must be unset) and that the token has write access."
-        ) from None
-
-
 def upload(api, token, folder: Path, repo_id: str, args, message: str):
     # Last guard: nothing that is uploaded may contain the token (e.g. a config that recorded a `token=` kwarg).
     for path in folder.rglob("*"):
@@ -502,40 +382,21 @@ def upload(api, token, folder: Path, repo_id: str, args, message: str):
             raise PushError(f"{path.name} contains the Hub token; refusing to upload. Nothing was sent.")
     hub_call(f"create_repo {repo_id}", token, api.create_repo, repo_id, private=args.private, exist_ok=True)
     if args.revision:
-        hub_call(f"create_branch {args.revision}", token, api.create_branch, repo_id, branch=args.revision,
-                 exist_ok=True)
+        hub_call(
+            f"create_branch {args.revision}", token, api.create_branch, repo_id, branch=args.revision, exist_ok=True
+        )
     info = hub_call(
-        f"upload to {repo_id}", token, api.upload_folder, repo_id=repo_id, folder_path=str(folder),
-        revision=args.revision, commit_message=args.commit_message or message,
+        f"upload to {repo_id}",
+        token,
+        api.upload_folder,
+        repo_id=repo_id,
+        folder_path=str(folder),
+        revision=args.revision,
+        commit_message=args.commit_message or message,
     )
     print(f"{repo_id}: {info.commit_url}")
-    print(
-        f"  AutoModelForImageTextToText.from_pretrained({repo_id!r}, revision={info.oid!r}, trust_remote_code=True)"
-    )
+    print(f"  AutoModelForImageTextToText.from_pretrained({repo_id!r}, revision={info.oid!r}, trust_remote_code=True)")
     return info
-
-
-def push_dataset(api, token, args) -> None:
-    """A dataset_builder output: the card first (push_to_hub merges its metadata into it), then the splits."""
-    import datasets
-
-    folder = check_local_dir(args.dataset_dir, "--dataset_dir", ("dataset_dict.json", "README.md"))
-    pairs = datasets.load_from_disk(str(folder))
-    grouped = datasets.load_from_disk(str(folder / "grouped")) if (folder / "grouped").is_dir() else None
-    summary = ", ".join(f"{name}: {len(split):,} rows" for name, split in pairs.items())
-    if args.dry_run:
-        print(f"dataset {folder} -> {args.dataset_repo_id} ({summary}; grouped config: {grouped is not None})")
-        return
-    repo = args.dataset_repo_id
-    hub_call(f"create_repo {repo}", token, api.create_repo, repo, repo_type="dataset", private=args.private,
-             exist_ok=True)
-    hub_call(f"upload card to {repo}", token, api.upload_file, path_or_fileobj=str(folder / "README.md"),
-             path_in_repo="README.md", repo_id=repo, repo_type="dataset", commit_message="dataset card")
-    hub_call(f"push {repo}", token, pairs.push_to_hub, repo, token=token, private=args.private)
-    if grouped is not None:
-        hub_call(f"push {repo} (grouped)", token, grouped.push_to_hub, repo, config_name="grouped",
-                 set_default=False, token=token, private=args.private)
-    print(f"dataset {repo}: https://huggingface.co/datasets/{repo} ({summary})")
 
 
 def find_variants(root) -> dict[str, Path]:
@@ -550,16 +411,23 @@ def find_variants(root) -> dict[str, Path]:
             found[variant] = folder
     if missing:
         present = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise PushError(f"--all {root}: no folder for {', '.join(missing)} (found: {present}). Expected one "
-                        f"train_hf.py output per variant named {', '.join(VARIANTS)}.")
+        raise PushError(
+            f"--all {root}: no folder for {', '.join(missing)} (found: {present}). Expected one "
+            f"train_hf.py output per variant named {', '.join(VARIANTS)}."
+        )
     for variant, folder in found.items():
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-        actual = variant_name(argparse.Namespace(vision_model_name=config.get("vision_model_name", ""),
-                                                 token_mode=config.get("token_mode")))
+        actual = variant_name(
+            argparse.Namespace(
+                vision_model_name=config.get("vision_model_name", ""), token_mode=config.get("token_mode")
+            )
+        )
         if actual != variant:
-            raise PushError(f"--all: {folder} is named {variant} but its config.json is {actual} "
-                            f"({config.get('vision_model_name')}, token_mode={config.get('token_mode')}). Fix the "
-                            "folder names.")
+            raise PushError(
+                f"--all: {folder} is named {variant} but its config.json is {actual} "
+                f"({config.get('vision_model_name')}, token_mode={config.get('token_mode')}). Fix the "
+                "folder names."
+            )
     return found
 
 
@@ -572,31 +440,21 @@ def resolve_token(args):
     return token
 
 
-def offline() -> bool:
-    import huggingface_hub.constants
-
-    return huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
-        "1", "ON", "YES", "TRUE")
-
-
 def run(args, api=None) -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     token = None
-    if not args.dry_run:
-        if api is None and offline():
-            raise PushError("the Hub cannot be reached: offline mode is on (HF_HUB_OFFLINE=1). Nothing was changed. "
-                            "Fix: unset HF_HUB_OFFLINE on a machine with network access, or use --dry_run DIR.")
-        token = resolve_token(args)
+    if args.dry_run:
+        api = None  # nothing is sent, whatever the caller passed
+    else:
         if api is None:
-            from huggingface_hub import HfApi
-
-            api = HfApi(token=token)
+            api = hub_api(args.token, fix=", or use --dry_run DIR")
+        token = resolve_token(args)
     dry_root = new_empty_dir(args.dry_run) if args.dry_run else None
 
     if args.dataset_dir:
-        push_dataset(api, token, args)
+        print(push_dataset(api, args.dataset_dir, args.dataset_repo_id, private=args.private, token=token))
     if args.model_dir:
         repo_id = args.repo_id or "your-namespace/" + Path(args.model_dir).resolve().name
         push_models(api, token, args, [(args.model_dir, repo_id, dry_root)])
@@ -606,8 +464,11 @@ def run(args, api=None) -> None:
         if namespace is None:
             namespace = "your-namespace" if args.dry_run else hub_call("whoami", token, api.whoami)["name"]
         jobs = [
-            (folder, f"{namespace}/cnngemma-{variant.replace('_', '-')}",
-             dry_root / f"cnngemma-{variant.replace('_', '-')}" if dry_root else None)
+            (
+                folder,
+                f"{namespace}/cnngemma-{variant.replace('_', '-')}",
+                dry_root / f"cnngemma-{variant.replace('_', '-')}" if dry_root else None,
+            )
             for variant, folder in variants.items()
         ]
         pushed = push_models(api, token, args, jobs)
@@ -616,10 +477,7 @@ def run(args, api=None) -> None:
             folder = dry_root / "index" if dry_root else Path(scratch)
             folder.mkdir(exist_ok=True)
             has_gemma = any(holds_gemma(facts["config"], facts["train_args"]) for _, facts in pushed)
-            (folder / "README.md").write_text(
-                index_card(namespace, [(repo, facts["metrics"]) for repo, facts in pushed], has_gemma),
-                encoding="utf-8",
-            )
+            index_card([(repo, facts["metrics"]) for repo, facts in pushed], has_gemma).save(folder / "README.md")
             if dry_root:
                 list_folder(folder, "index/")
             else:
@@ -637,7 +495,9 @@ def push_models(api, token, args, jobs) -> list[tuple[str, dict]]:
             list_folder(folder, f"{folder.name}/" if dry_folder and dry_folder != Path(args.dry_run) else "")
             if not dry_folder:
                 config = facts["config"]
-                message = f"CNNGemma {variant_name(config)}: {config.vision_model_name}, {config.num_image_tokens} tokens"
+                message = (
+                    f"CNNGemma {variant_name(config)}: {config.vision_model_name}, {config.num_image_tokens} tokens"
+                )
                 upload(api, token, folder, repo_id, args, message)
         pushed.append((repo_id, facts))
     return pushed

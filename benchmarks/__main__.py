@@ -1,9 +1,9 @@
-"""Runs the benchmarks and writes results/benchmarks.json and the PNGs.
+"""Runs the benchmarks and writes results/benchmarks.json and the PNGs (--quick: outputs/benchmarks-quick/).
 
-python -m benchmarks all              # encoders + captioning + training, ~9.5 minutes on 2 CPU cores
+python -m benchmarks all              # encoders + captioning + training, minutes on 2 CPU cores
 python -m benchmarks encoders --batch-size 32 --dtype bf16 --compile
 python -m benchmarks captioning --lm-size 270m
-python -m benchmarks all --quick      # seconds: tiny shapes, what the tests run
+python -m benchmarks all --quick      # seconds: tiny shapes, what the tests run; never writes into results/
 python -m benchmarks report           # the Markdown tables of an existing results/benchmarks.json
 """
 
@@ -18,14 +18,17 @@ from pathlib import Path
 import torch
 
 from . import plots
-from .common import DTYPES, LM_SHAPES, SIGLIP_SHAPES, keep_freed_memory, machine_info
+from .common import DTYPES, LM_SHAPES, SIGLIP_SHAPES, machine_info
 
 SECTIONS = ("encoders", "captioning", "training")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "results"
+# git-ignored: tiny-shape numbers must never replace the committed results that README quotes
+QUICK_DIR = ROOT / "outputs" / "benchmarks-quick"
 
 # Sizes and timing on CPU. Each section run alone measures at full size: the report's encoder protocol (batch 32,
 # each model 5 rounds of >= 1 s or 30 s in all), captioning at batch 1 and 32, training at batch 8 (baseline 4).
 CPU_DEFAULTS = {
-    "wrapper_rounds": 60,
     "rounds": 5,
     "slice_s": 1.0,
     "budget_s": 30.0,
@@ -39,10 +42,9 @@ CPU_DEFAULTS = {
     "train_slice_s": 0.0,
 }
 # `all` on CPU keeps the encoders at full size and shrinks the batches that SigLIP so400m makes slow (one batch-32
-# caption takes it ~2 minutes on 2 cores), so the three sections take ~9.5 minutes there (README, Benchmarks).
+# caption takes it ~2 minutes on 2 cores).
 CPU_ALL = {
     **CPU_DEFAULTS,
-    "wrapper_rounds": 15,
     "caption_batch_sizes": [1, 8],
     "caption_rounds": 2,
     "train_batch_size": 4,
@@ -50,7 +52,6 @@ CPU_ALL = {
     "train_rounds": 2,
 }
 GPU_DEFAULTS = {
-    "wrapper_rounds": 99,
     "rounds": 100,
     "slice_s": 0.0,
     "budget_s": None,
@@ -64,7 +65,6 @@ GPU_DEFAULTS = {
     "train_slice_s": 0.0,
 }
 QUICK = {
-    "wrapper_rounds": 3,
     "image_size": 64,
     "batch_size": 2,
     "projector_width": 128,
@@ -93,26 +93,20 @@ def parse_args(argv=None):
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=[*SECTIONS, "all", "report"], help="What to measure, or `report`.")
-    parser.add_argument("--quick", action="store_true", help="Tiny shapes and one round: a smoke test in seconds.")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="Tiny shapes and one round: a smoke test in seconds, written to outputs/benchmarks-quick/ by default.",
+    )
     parser.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu.")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="Weights and inputs dtype.")
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="CNNGemma's vision_channels_last fast path (default on); --no-channels-last measures the NCHW path.",
+        help="CNNGemma's vision_channels_last: channels_last input images (default on); --no-channels-last feeds NCHW.",
     )
-    parser.add_argument(
-        "--fold-batchnorm",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="CNNGemma's vision_fold_batchnorm fast path (default on); --no-fold-batchnorm runs the BatchNorms.",
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile every encoder row (encoders only; the bare timm rows then run CNNGemma's path alone).",
-    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every encoder row (encoders only).")
     parser.add_argument("--batch-size", type=int, default=32, help="Encoder batch size (the report's: 32).")
     parser.add_argument(
         "--iters", type=int, default=None, help="Encoders: exactly this many timed runs per model (GPU default 100)."
@@ -124,13 +118,6 @@ def parse_args(argv=None):
         type=float,
         default=None,
         help="Encoders: a model stops after this many timed seconds (>= 2 runs).",
-    )
-    parser.add_argument(
-        "--wrapper-rounds",
-        type=int,
-        default=None,
-        help="Encoders: rounds of bare, CNNGemma, bare calls for the wrapper ratio and its A/A control "
-        "(CPU 60, 15 in `all`; GPU 99).",
     )
     parser.add_argument("--image-size", type=int, default=224, help="Square input size in pixels.")
     parser.add_argument(
@@ -177,14 +164,11 @@ def parse_args(argv=None):
     parser.add_argument("--train-slice-s", type=float, default=None, help="Training: seconds per model per round.")
     parser.add_argument("--lora-rank", type=int, default=16, help="Training: LoRA rank for the `lora` policy.")
     parser.add_argument(
-        "--malloc",
-        choices=["glibc", "keep"],
-        default="glibc",
-        help="CPU memory: glibc's defaults (big blocks mmapped and handed back on free, so each call page-faults its "
-        "activations in again), or `keep`: freed memory is kept for the next call (MALLOC_MMAP_MAX_=0, "
-        "MALLOC_TRIM_THRESHOLD_=2147483647).",
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="Where JSON and PNGs go (default results/; with --quick outputs/benchmarks-quick/, which git ignores).",
     )
-    parser.add_argument("--output-dir", type=Path, default=Path("results"), help="Where JSON and PNGs go.")
     parser.add_argument("--tag", default="", help="Suffix for the output names, e.g. `gpu` -> benchmarks_gpu.json.")
     args = parser.parse_args(argv)
 
@@ -201,11 +185,12 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.iters is not None:
         args.rounds, args.slice_s, args.budget_s = args.iters, 0.0, None
-    if args.wrapper_rounds < 1:
+    if args.output_dir is None:
+        args.output_dir = QUICK_DIR if args.quick else RESULTS_DIR
+    elif args.quick and args.command != "report" and args.output_dir.resolve().is_relative_to(RESULTS_DIR):
         parser.error(
-            f"--wrapper-rounds {args.wrapper_rounds}: expected at least 1 round of bare, CNNGemma, bare calls, the "
-            "wrapper ratio is measured from them (a multiple of 3 puts each call in each place equally often). "
-            "Drop the flag for the default (60 on CPU, 15 in `all`, 99 on GPU)."
+            f"--quick --output-dir {args.output_dir}: results/ holds the committed results, and --quick's tiny-shape "
+            "numbers would replace them. Drop --output-dir (default outputs/benchmarks-quick/) or pick another folder."
         )
     args.torch_dtype = DTYPES[args.dtype]
     return args
@@ -215,18 +200,8 @@ def _fmt(summary: dict, digits: int = 1) -> str:
     return f"{summary['median']:.{digits}f} [{summary['q1']:.{digits}f}-{summary['q3']:.{digits}f}]"
 
 
-def _malloc(section: dict) -> str:
-    """What the table header says of `--malloc keep` (absent from results written before the flag existed)."""
-    return ", malloc keep" if section.get("malloc") == "keep" else ""
-
-
-def _percent(summary: dict, interval: list[float]) -> str:
-    """`98% [96-101%]`: a ratio's median and the 95% confidence interval of that median."""
-    return f"{100 * summary['median']:.0f}% [{100 * interval[0]:.0f}-{100 * interval[1]:.0f}%]"
-
-
-def _times(ratio: float | None, digits: int = 2) -> str:
-    """`1.40x`, or `-` for a ratio whose rows were not measured."""
+def _x(ratio: float | None, digits: int = 1) -> str:
+    """`1.4x`, or `-` for a ratio whose rows were not measured (compiled runs before 2026-11-30 left some out)."""
     return "-" if ratio is None else f"{ratio:.{digits}f}x"
 
 
@@ -237,7 +212,7 @@ def markdown_tables(results: dict) -> str:
         enc = results["encoders"]
         s = enc["settings"]
         out += [
-            f"**Encoders** (batch {s['batch_size']}, {s['image_size']} px, {s['dtype']}, {s['device']}{_malloc(enc)}; "
+            f"**Encoders** (batch {s['batch_size']}, {s['image_size']} px, {s['dtype']}, {s['device']}; "
             f"images/s, median [IQR] of n runs)",
             "",
             "| model | images/s | ms/batch | n | vs SigLIP base/16 |",
@@ -255,21 +230,18 @@ def markdown_tables(results: dict) -> str:
         where = f"{s['device'].split(':')[0].upper()} {s['dtype']}" + (" compiled" if s["compile"] else "")
         out += [
             "",
-            f"| encoder | report GPU ratio | {where} plain ratio | {where} default-path ratio (target) "
-            "| channels_last / folded BN speedup | single wrapper / bare timm, same module, median of paired rounds "
-            "[95% CI] (target 95%) | A/A control, bare / bare [95% CI] | multi / single throughput |",
-            "|---|---|---|---|---|---|---|---|",
+            f"| encoder | report GPU ratio | {where} bare NCHW / SigLIP | {where} CNNGemma single / SigLIP (target) "
+            "| channels_last input speedup | single wrapper / bare timm, same input (target 95%) "
+            "| multi / single throughput |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name in ("mobilenetv3_large_100", "efficientnet_b0"):
             e = enc["summary"][name]
             out.append(
-                f"| {name} | {e['report_gpu_ratio']:.1f}x | {_times(e['plain_ratio'], 1)} "
-                f"| {e['default_path_ratio']:.1f}x ({e['default_path_target']:.0f}x: "
-                f"{'met' if e['default_path_target_met'] else 'not met'}) | {_times(e['channels_last_speedup'])} / "
-                f"{_times(e['fold_batchnorm_speedup'])} "
-                f"| {_percent(e['wrapper_single_vs_bare_paired'], e['wrapper_single_vs_bare_ci95'])} "
-                f"({'met' if e['wrapper_target_met'] else 'not met'}) "
-                f"| {_percent(e['wrapper_control'], e['wrapper_control_ci95'])} | {100 * e['multi_vs_single']:.0f}% |"
+                f"| {name} | {e['report_gpu_ratio']:.1f}x | {_x(e['plain_ratio'])} | {e['default_path_ratio']:.1f}x "
+                f"({e['default_path_target']:.0f}x: {'met' if e['default_path_target_met'] else 'not met'}) "
+                f"| {_x(e['channels_last_speedup'], 2)} | {100 * e['wrapper_single_vs_bare']:.0f}% "
+                f"({'met' if e['wrapper_target_met'] else 'not met'}) | {100 * e['multi_vs_single']:.0f}% |"
             )
         out.append("")
     if "captioning" in results:
@@ -277,7 +249,7 @@ def markdown_tables(results: dict) -> str:
         s = cap["settings"]
         out += [
             f"**Captioning** (LM {s['lm_size']}, {s['new_tokens']} new tokens, greedy, KV cache, {s['dtype']}, "
-            f"{s['device']}{_malloc(cap)}; median [IQR])",
+            f"{s['device']}; median [IQR])",
             "",
             "| model | batch | image tokens | captions/s | latency p50 / p95 (s) | vision / prefill / decode (s) "
             "| peak memory (MB) | speedup |",
@@ -307,7 +279,7 @@ def markdown_tables(results: dict) -> str:
         s = tr["settings"]
         out += [
             f"**Training** (LM {s['lm_size']}, caption {s['caption_tokens']} tokens, AdamW, {s['dtype']}, "
-            f"{s['device']}{_malloc(tr)}; median [IQR])",
+            f"{s['device']}; median [IQR])",
             "",
             "| model | policy | batch | samples/s | peak memory (MB) | trainable params | vs baseline |",
             "|---|---|---|---|---|---|---|",
@@ -332,10 +304,9 @@ def run_benchmarks(args) -> dict:
     suffix = f"_{args.tag}" if args.tag else ""
     json_path = args.output_dir / f"benchmarks{suffix}.json"
     results = json.loads(json_path.read_text()) if json_path.exists() else {}
-    if args.malloc == "keep":
-        keep_freed_memory()
     results["machine"] = machine_info(args.device)
     results["quick"] = args.quick
+    print(f"Writing {json_path} and the PNGs beside it.")
     started = time.perf_counter()
     for section in sections:
         section_start = time.perf_counter()
@@ -343,7 +314,6 @@ def run_benchmarks(args) -> dict:
         results[section] = modules[section].run(args, args.device)
         results[section]["wall_s"] = time.perf_counter() - section_start
         results[section]["date"] = machine_info(args.device)["date"]
-        results[section]["malloc"] = args.malloc
         results[section]["load_average_at_start"] = load  # other processes' load: these are shared CPUs
         gc.collect()
         plot = getattr(plots, f"plot_{section}")

@@ -110,7 +110,6 @@ def build_models(args, language_model, device, dtype) -> dict:
             language_model,
             image_size=args.image_size,
             channels_last=args.channels_last,
-            fold_batchnorm=args.fold_batchnorm,
         ).to(device, dtype)
         for variant in VARIANTS
     }
@@ -196,7 +195,6 @@ def run(args, device, log=print) -> dict:
             "slice_s": args.caption_slice_s,
             "budget_s": args.caption_budget_s,
             "cnngemma_vision_channels_last": args.channels_last,
-            "cnngemma_vision_fold_batchnorm": args.fold_batchnorm,
             "language_model_weights_mb": weight_megabytes(language_model),
             "memory": "peak rise over the resident weights during one run (CPU: RSS after malloc_trim)",
         },

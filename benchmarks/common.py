@@ -6,7 +6,6 @@ Every model is randomly initialised (speed does not depend on the weights) and n
 import ctypes
 import datetime
 import json
-import math
 import os
 import platform
 import random
@@ -124,7 +123,6 @@ def build_cnngemma(
     image_size: int = 224,
     hidden_size: int | None = None,
     channels_last: bool = True,
-    fold_batchnorm: bool = True,
     seed: int = 0,
 ) -> nn.Module:
     """A CNNGemma variant. Without `language_model` it keeps the 1-layer stub: enough for `get_image_features`."""
@@ -139,7 +137,6 @@ def build_cnngemma(
         text_config=stub_text_config(hidden),
         image_token_id=IMAGE_TOKEN_ID,
         vision_channels_last=channels_last,
-        vision_fold_batchnorm=fold_batchnorm,
     )
     torch.manual_seed(seed)
     model = CNNGemmaForConditionalGeneration(config)
@@ -272,18 +269,6 @@ def time_in_rounds(
     return times
 
 
-def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """A distribution-free confidence interval for the median: the j-th smallest and j-th largest value, with j the
-    largest rank at which fewer than j values fall below the median with probability <= (1 - confidence) / 2
-    (Binomial(n, 1/2)). It covers the median at least `confidence` of the time; for n < 9 it is the whole range."""
-    ordered = sorted(values)
-    n, tail = len(ordered), (1 - confidence) / 2
-    j, below = 1, 1 / 2**n  # below: P(Binomial(n, 1/2) <= j - 1)
-    while j < n // 2 and (next_below := below + math.comb(n, j) / 2**n) <= tail:
-        below, j = next_below, j + 1
-    return ordered[j - 1], ordered[n - j]
-
-
 # ---------------------------------------------------------------------------------------------------- memory
 class PeakMemory:
     """Peak memory of a block: CUDA's allocator statistics, or on CPU the process RSS sampled every millisecond.
@@ -302,7 +287,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
-        _malloc_trim()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: pages the allocator kept may hide part of the rise
+            pass
         self._start = self._peak = _rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -361,41 +349,6 @@ def _rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _glibc(function: str):
-    """A function of glibc's malloc; OSError or AttributeError where the C library is not glibc."""
-    return getattr(ctypes.CDLL("libc.so.6"), function)
-
-
-def _malloc_trim():
-    try:
-        _glibc("malloc_trim")(0)
-    except (OSError, AttributeError):
-        pass
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory():
-    """Makes glibc keep the memory PyTorch frees: every block from the heap (no mmap), the heap never trimmed.
-
-    By default glibc serves big blocks with mmap and hands them back to the system when they are freed, so every
-    forward pass page-faults its activations in afresh: ~170k faults per EfficientNet-B0 batch of 32 at 224 px, about
-    half of its time on 2 CPU cores. The same as starting Python with MALLOC_MMAP_MAX_=0 and
-    MALLOC_TRIM_THRESHOLD_=2147483647. Process-wide and for good; the memory probe's `malloc_trim` still hands the
-    free pages back before each block it measures.
-    """
-    try:
-        mallopt = _glibc("mallopt")
-    except (OSError, AttributeError) as error:
-        raise RuntimeError(
-            f"--malloc keep tunes glibc's malloc, and this system has no glibc ({error}). Drop the flag, or use "
-            "your allocator's own settings (jemalloc, tcmalloc) through the environment."
-        ) from error
-    if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
-        raise RuntimeError("glibc's mallopt refused M_MMAP_MAX=0 or M_TRIM_THRESHOLD=2**31-1; drop --malloc keep.")
 
 
 # ---------------------------------------------------------------------------------------------------- context

@@ -1,4 +1,7 @@
-"""Bar charts of the results: encoder throughput (like the report's Figure 1), captioning split, training speed."""
+"""Bar charts of the results: encoder throughput (like the report's Figure 1), captioning split, training speed.
+
+`python -m benchmarks` calls one after each section and writes the PNG beside the JSON.
+"""
 
 from pathlib import Path
 

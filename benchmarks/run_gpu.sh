@@ -5,18 +5,23 @@
 #
 # Steps (each one `python -m benchmarks` run, stopped after its time limit so that one slow step cannot eat the rest):
 #   fp32          encoders, fp32, batch 32: the report's protocol (100 timed runs), for the table beside its Table I
-#   bf16          all three sections in bf16, batch 32 (CNNGemma's channels_last + folded BN on, as by default)
+#   bf16          all three sections in bf16, batch 32 (CNNGemma's channels_last input on, as by default)
 #   bf16_b256     encoders, bf16, batch 256
 #   compile_b32   encoders, bf16, torch.compile, batch 32
 #   compile_b256  encoders, bf16, torch.compile, batch 256
-# After each step the results so far are packed into $ARCHIVE (default results/gpu.tgz), so a stopped run keeps them.
-# EXTRA is appended to every step: EXTRA="--quick --device cpu" is a dry run of the script in seconds.
+# After each step the results so far are packed into $ARCHIVE (default $RESULTS.tgz), so a stopped run keeps them.
+# EXTRA is appended to every step: EXTRA="--quick --device cpu" is a dry run of the script in seconds, and then
+# RESULTS defaults to outputs/benchmarks-quick/gpu (git-ignored): a dry run never replaces the committed results.
 # PYTHON names the interpreter (default python).
 set -uo pipefail
 
 PYTHON=${PYTHON:-python}
-RESULTS=${RESULTS:-results/gpu}
-ARCHIVE=${ARCHIVE:-results/gpu.tgz}
+if [[ " ${EXTRA:-} " == *" --quick "* ]]; then
+    RESULTS=${RESULTS:-outputs/benchmarks-quick/gpu}
+else
+    RESULTS=${RESULTS:-results/gpu}
+fi
+ARCHIVE=${ARCHIVE:-$RESULTS.tgz}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 declare -A LIMIT=([fp32]=150 [bf16]=300 [bf16_b256]=150 [compile_b32]=330 [compile_b256]=300)

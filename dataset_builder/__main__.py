@@ -12,22 +12,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", help="clean a caption table (+ images) into a DatasetDict")
-    build.add_argument("--captions", required=True, help="CSV in RISCM's raw layout (source,split,image,"
-                       "caption_1..caption_5) or the long layout (image,caption[,split][,source])")
+    build.add_argument(
+        "--captions",
+        required=True,
+        help="CSV in RISCM's raw layout (source,split,image,"
+        "caption_1..caption_5) or the long layout (image,caption[,split][,source])",
+    )
     images = build.add_mutually_exclusive_group(required=True)
     images.add_argument("--images", help="folder holding the files named in the image column (RISCM: resized/)")
     images.add_argument("--captions-only", action="store_true", help="build without images (no image column)")
-    build.add_argument("--output", required=True, help="output folder; written atomically, replaced if it is an "
-                       "earlier output")
-    build.add_argument("--split", help="split of every row, for a long-layout table without a split column "
-                       "(train, val, test; validation = val)")
-    build.add_argument("--source", help="source name for a long-layout table without a source column "
-                       "(default: unknown)")
+    build.add_argument(
+        "--output", required=True, help="output folder; written atomically, replaced if it is an earlier output"
+    )
+    build.add_argument(
+        "--split",
+        help="split of every row, for a long-layout table without a split column (train, val, test; validation = val)",
+    )
+    build.add_argument(
+        "--source", help="source name for a long-layout table without a source column (default: unknown)"
+    )
     build.add_argument("--max-side", type=int, default=1024, help="downscale images larger than this (pixels)")
-    build.add_argument("--strict", action="store_true", help="fail, listing them, if any image is broken "
-                       "(default: leave those rows out and list them in problems.csv)")
-    build.add_argument("--num-workers", type=int, default=None, help="processes for image checks "
-                       "(default: all CPU cores)")
+    build.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail, listing them, if any image is broken "
+        "(default: leave those rows out and list them in problems.csv)",
+    )
+    build.add_argument(
+        "--num-workers", type=int, default=None, help="processes for image checks (default: all CPU cores)"
+    )
 
     score = commands.add_parser("score", help="add a clip_score column and a CLIP screening report")
     score.add_argument("--dataset", required=True, help="a folder made by `build` (with images)")
@@ -56,30 +69,41 @@ def main(argv=None) -> int:
         if args.command == "build":
             from .build import build
 
-            stats = build(args.captions, args.output, images=None if args.captions_only else args.images,
-                          split=args.split, source=args.source, max_side=args.max_side, strict=args.strict,
-                          num_workers=args.num_workers)
+            stats = build(
+                args.captions,
+                args.output,
+                images=None if args.captions_only else args.images,
+                split=args.split,
+                source=args.source,
+                max_side=args.max_side,
+                strict=args.strict,
+                num_workers=args.num_workers,
+            )
             from .card import counts_table
 
             print(counts_table(stats["counts"]))
-            print(f"wrote {args.output}: splits {stats['splits']}, empty splits {stats['empty_splits']}, "
-                  f"{stats['problems']} problems listed in problems.csv, image checks {stats['image_checks']}")
+            print(
+                f"wrote {args.output}: splits {stats['splits']}, empty splits {stats['empty_splits']}, "
+                f"{stats['problems']} problems listed in problems.csv, image checks {stats['image_checks']}"
+            )
         elif args.command == "score":
             from .score import score
 
-            summary = score(args.dataset, args.clip_model, batch_size=args.batch_size, device=args.device,
-                            lowest=args.lowest)
+            summary = score(
+                args.dataset, args.clip_model, batch_size=args.batch_size, device=args.device, lowest=args.lowest
+            )
             print(json.dumps(summary, indent=2))
         elif args.command == "synth":
             from .synth import synthesize
 
-            summary = synthesize(args.output, num_images=args.num_images, seed=args.seed, size=args.size,
-                                 grid=args.grid)
+            summary = synthesize(
+                args.output, num_images=args.num_images, seed=args.seed, size=args.size, grid=args.grid
+            )
             print(json.dumps(summary, indent=2))
         elif args.command == "push":
-            from .push import push
+            from .push import hub_api, push_dataset
 
-            print(push(args.dataset, args.repo_id, private=args.private))
+            print(push_dataset(hub_api(), args.dataset, args.repo_id, private=args.private))
     except (ValueError, OSError, RuntimeError) as error:
         # TableError, StrictError, offline errors...: one message the user can act on, no traceback.
         print(f"error: {error}", file=sys.stderr)

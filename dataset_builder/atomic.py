@@ -30,7 +30,7 @@ def remove_stale_partials(output: Path) -> list[Path]:
     """Remove leftovers of killed runs (`.NAME.partial-PID-*`, `.NAME.old-PID-*`) whose process is gone."""
     removed = []
     for leftover in output.parent.glob(f".{output.name}.*-*"):
-        kind, _, rest = leftover.name[len(output.name) + 2:].partition("-")
+        kind, _, rest = leftover.name[len(output.name) + 2 :].partition("-")
         pid = rest.split("-")[0]
         if kind in ("partial", "old") and pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -41,9 +41,11 @@ def remove_stale_partials(output: Path) -> list[Path]:
 def check_replaceable(output: Path) -> None:
     """Refuse to replace a folder that is not an earlier output of this tool (it might be someone's data)."""
     if output.exists() and (not output.is_dir() or any(output.iterdir()) and not (output / MARKER).is_file()):
-        raise FileExistsError(f"--output {output} exists and is not a dataset_builder output (no {MARKER}). "
-                              "Expected a new or empty folder, or an earlier output to replace. "
-                              "Fix: choose another --output or remove that folder.")
+        raise FileExistsError(
+            f"--output {output} exists and is not a dataset_builder output (no {MARKER}). "
+            "Expected a new or empty folder, or an earlier output to replace. "
+            "Fix: choose another --output or remove that folder."
+        )
 
 
 @contextlib.contextmanager

@@ -27,8 +27,15 @@ from .images import ImageCheck, check_image
 from .tables import DATASET_SPLITS, TABLE_SPLITS, ImageRecord, read_caption_table
 
 STATS_VERSION = 1
-COUNT_FIELDS = ("images", "captions_in", "duplicates_removed", "empties_removed", "pairs_out", "images_dropped",
-                "pairs_dropped")
+COUNT_FIELDS = (
+    "images",
+    "captions_in",
+    "duplicates_removed",
+    "empties_removed",
+    "pairs_out",
+    "images_dropped",
+    "pairs_dropped",
+)
 CHUNK = 1024  # pair rows per Arrow write when images are copied
 
 
@@ -44,8 +51,13 @@ def pair_features(with_images: bool) -> datasets.Features:
 
 def grouped_features(with_images: bool) -> datasets.Features:
     columns = {"image": datasets.Image()} if with_images else {}
-    columns.update({"image_id": datasets.Value("string"), "captions": datasets.List(datasets.Value("string")),
-                    "source": datasets.Value("string")})
+    columns.update(
+        {
+            "image_id": datasets.Value("string"),
+            "captions": datasets.List(datasets.Value("string")),
+            "source": datasets.Value("string"),
+        }
+    )
     return datasets.Features(columns)
 
 
@@ -70,8 +82,9 @@ def _check_images(paths: list[Path], max_side: int, num_workers: int):
 
 
 def _image_column(checks: list[ImageCheck], names: list[str]) -> pa.Array:
-    return pa.StructArray.from_arrays([pa.array([c.data for c in checks], pa.binary()), pa.array(names, pa.string())],
-                                      names=["bytes", "path"])
+    return pa.StructArray.from_arrays(
+        [pa.array([c.data for c in checks], pa.binary()), pa.array(names, pa.string())], names=["bytes", "path"]
+    )
 
 
 def _write_arrow(path: Path, features: datasets.Features, tables) -> datasets.table.MemoryMappedTable:
@@ -92,16 +105,25 @@ def _folder_size(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
-def build(captions: str | Path, output: str | Path, images: str | Path | None = None, split: str | None = None,
-          source: str | None = None, max_side: int = 1024, strict: bool = False,
-          num_workers: int | None = None) -> dict:
+def build(
+    captions: str | Path,
+    output: str | Path,
+    images: str | Path | None = None,
+    split: str | None = None,
+    source: str | None = None,
+    max_side: int = 1024,
+    strict: bool = False,
+    num_workers: int | None = None,
+) -> dict:
     """Build the dataset; `images=None` means captions only. Returns the stats written to `stats.json`."""
     output = Path(output)
     check_replaceable(output)
     table = read_caption_table(captions, split=split, source=source)
     if images is not None and not Path(images).is_dir():
-        raise FileNotFoundError(f"--images {images} is not a folder. Expected the folder holding the files named in "
-                                "the image column (RISCM: resized/). Fix: pass the right folder, or --captions-only.")
+        raise FileNotFoundError(
+            f"--images {images} is not a folder. Expected the folder holding the files named in "
+            "the image column (RISCM: resized/). Fix: pass the right folder, or --captions-only."
+        )
     entries = []
     for record in table.records:
         cleaned = clean_captions(record.captions)
@@ -111,8 +133,9 @@ def build(captions: str | Path, output: str | Path, images: str | Path | None = 
     image_checks: Counter = Counter()
     if images is not None:
         paths = [Path(images) / entry.record.image for entry in entries]
-        for entry, path, check in zip(entries, paths, _check_images(paths, max_side, num_workers or os.cpu_count()),
-                                      strict=True):
+        for entry, path, check in zip(
+            entries, paths, _check_images(paths, max_side, num_workers or os.cpu_count()), strict=True
+        ):
             entry.check = check
             if check.problem:
                 image_checks[check.kind] += 1
@@ -120,24 +143,36 @@ def build(captions: str | Path, output: str | Path, images: str | Path | None = 
                 continue
             if check.converted_from:
                 image_checks[f"converted from {check.converted_from}"] += 1
-                problems.append((str(path), entry.record.line, f"converted: {check.converted_from} to RGB "
-                                 "(row kept)"))
+                problems.append((str(path), entry.record.line, f"converted: {check.converted_from} to RGB (row kept)"))
             if check.downscaled_from:
                 image_checks["downscaled"] += 1
                 width, height = check.downscaled_from
-                problems.append((str(path), entry.record.line, f"downscaled: {width}x{height} to "
-                                 f"{check.size[0]}x{check.size[1]} (--max-side {max_side}, row kept)"))
+                problems.append(
+                    (
+                        str(path),
+                        entry.record.line,
+                        f"downscaled: {width}x{height} to "
+                        f"{check.size[0]}x{check.size[1]} (--max-side {max_side}, row kept)",
+                    )
+                )
         broken = [problem for problem in problems if problem[2].endswith("(row dropped)")]
         if strict and broken:
             listing = "\n".join(f"  {path} (line {line}): {reason}" for path, line, reason in broken)
-            raise StrictError(f"--strict: {len(broken)} of {len(entries)} images cannot be used:\n{listing}\n"
-                              "Fix the files, or run without --strict to leave these rows out (they are listed in "
-                              "problems.csv).")
+            raise StrictError(
+                f"--strict: {len(broken)} of {len(entries)} images cannot be used:\n{listing}\n"
+                "Fix the files, or run without --strict to leave these rows out (they are listed in "
+                "problems.csv)."
+            )
     for entry in entries:
         usable = entry.check is None or entry.check.data is not None
         if usable and not entry.kept:
-            problems.append((entry.record.image, entry.record.line,
-                             f"no captions: all {len(entry.record.captions)} captions are empty (row dropped)"))
+            problems.append(
+                (
+                    entry.record.image,
+                    entry.record.line,
+                    f"no captions: all {len(entry.record.captions)} captions are empty (row dropped)",
+                )
+            )
 
     counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
     by_split: dict[str, list[_Image]] = {name: [] for name in TABLE_SPLITS}
@@ -169,19 +204,27 @@ def build(captions: str | Path, output: str | Path, images: str | Path | None = 
         for table_split in TABLE_SPLITS:
             members = by_split[table_split]
             pairs = reference_order([entry.kept for entry in members])
-            _write_csv(work / "csv" / f"{table_split}.csv",
-                       [("image", "caption")] + [(members[index].record.image, text) for index, text in pairs])
+            _write_csv(
+                work / "csv" / f"{table_split}.csv",
+                [("image", "caption")] + [(members[index].record.image, text) for index, text in pairs],
+            )
             if not members:
                 empty_splits.append(DATASET_SPLITS[table_split])
                 continue
             index = pa.array([index for index, _ in pairs], pa.int64())
             names = pa.array([entry.record.image for entry in members], pa.string())
             sources = pa.array([entry.record.source for entry in members], pa.string())
-            grouped = {"image_id": names, "captions": pa.array([list(entry.kept) for entry in members]),
-                       "source": sources}
-            pair_columns = {"image_id": names.take(index), "caption": pa.array([text for _, text in pairs],
-                                                                                 pa.string()),
-                            "source": sources.take(index), "split": pa.array([table_split] * len(pairs), pa.string())}
+            grouped = {
+                "image_id": names,
+                "captions": pa.array([list(entry.kept) for entry in members]),
+                "source": sources,
+            }
+            pair_columns = {
+                "image_id": names.take(index),
+                "caption": pa.array([text for _, text in pairs], pa.string()),
+                "source": sources.take(index),
+                "split": pa.array([table_split] * len(pairs), pa.string()),
+            }
             if images is not None:
                 grouped = {"image": _image_column([e.check for e in members], names.to_pylist()), **grouped}
             pair_table = pa.table(pair_columns)
@@ -189,13 +232,20 @@ def build(captions: str | Path, output: str | Path, images: str | Path | None = 
             if images is not None:
                 # Image bytes go to disk once, in the grouped table; pair rows take them from its memory map in
                 # chunks, so memory stays flat however large the dataset is.
-                grouped_table = _write_arrow(scratch / f"grouped-{table_split}.arrow", grouped_features(True),
-                                             [grouped_table])
+                grouped_table = _write_arrow(
+                    scratch / f"grouped-{table_split}.arrow", grouped_features(True), [grouped_table]
+                )
                 images_column = grouped_table.column("image")
-                chunks = (pa.table({"image": images_column.take(index[start:start + CHUNK]),
-                                    **{key: pair_table.column(key).slice(start, CHUNK) for key in pair_columns}},
-                                   schema=pair_features(True).arrow_schema)
-                          for start in range(0, len(pairs), CHUNK))
+                chunks = (
+                    pa.table(
+                        {
+                            "image": images_column.take(index[start : start + CHUNK]),
+                            **{key: pair_table.column(key).slice(start, CHUNK) for key in pair_columns},
+                        },
+                        schema=pair_features(True).arrow_schema,
+                    )
+                    for start in range(0, len(pairs), CHUNK)
+                )
                 pair_table = _write_arrow(scratch / f"pairs-{table_split}.arrow", pair_features(True), chunks)
             else:
                 pair_table = datasets.table.InMemoryTable(pair_table.cast(pair_features(False).arrow_schema))
@@ -204,8 +254,10 @@ def build(captions: str | Path, output: str | Path, images: str | Path | None = 
             grouped_splits[name] = datasets.Dataset(grouped_table, fingerprint=f"{fingerprint}-grouped-{name}")
             pair_splits[name] = datasets.Dataset(pair_table, fingerprint=f"{fingerprint}-pairs-{name}")
         if not pair_splits:
-            raise ValueError(f"{captions}: no image has a usable caption and image, so there is nothing to save. "
-                             "Expected at least one. Fix: see the problems listed above.")
+            raise ValueError(
+                f"{captions}: no image has a usable caption and image, so there is nothing to save. "
+                "Expected at least one. Fix: see the problems listed above."
+            )
         datasets.DatasetDict(pair_splits).save_to_disk(str(work))
         datasets.DatasetDict(grouped_splits).save_to_disk(str(work / "grouped"))
         pair_splits.clear()
@@ -225,8 +277,10 @@ def build(captions: str | Path, output: str | Path, images: str | Path | None = 
             "fingerprint": fingerprint,
             "splits": [name for name in DATASET_SPLITS.values() if name not in empty_splits],
             "empty_splits": empty_splits,
-            "counts": [{"split": key[0], "source": key[1], **{f: counts[key][f] for f in COUNT_FIELDS}}
-                       for key in sorted(counts, key=lambda key: (TABLE_SPLITS.index(key[0]), key[1]))],
+            "counts": [
+                {"split": key[0], "source": key[1], **{f: counts[key][f] for f in COUNT_FIELDS}}
+                for key in sorted(counts, key=lambda key: (TABLE_SPLITS.index(key[0]), key[1]))
+            ],
             "image_checks": dict(sorted(image_checks.items())),
             "problems": len(problems),
             "size_bytes": {

@@ -46,8 +46,5 @@ def reference_order(kept_per_image: Sequence[Sequence[str]]) -> list[tuple[int, 
     """
     depth = max((len(kept) for kept in kept_per_image), default=0)
     return [
-        (index, kept[rank])
-        for rank in range(depth)
-        for index, kept in enumerate(kept_per_image)
-        if rank < len(kept)
+        (index, kept[rank]) for rank in range(depth) for index, kept in enumerate(kept_per_image) if rank < len(kept)
     ]

@@ -98,13 +98,20 @@ def check_image(path: str | Path, max_side: int = 1024) -> ImageCheck:
             image = Image.open(io.BytesIO(data))
             source_format, original_size = image.format, image.size
             if source_format == "TIFF" and _needs_tifffile(image):
-                raise UnidentifiedImageError(f"Pillow cannot read TIFF mode {image.mode} "
-                                             f"with {image.tag_v2.get(277, 1)} bands")
+                raise UnidentifiedImageError(
+                    f"Pillow cannot read TIFF mode {image.mode} with {image.tag_v2.get(277, 1)} bands"
+                )
             if source_format == "JPEG" and max(image.size) > 2 * max_side:
                 image.draft("RGB", (max_side, max_side))  # decode big JPEGs at reduced scale: much faster
             image.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as error:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as error:
         message = str(error)
         if "truncated" in message:
             return ImageCheck(None, f"truncated: {message}", "truncated")
@@ -134,5 +141,6 @@ def check_image(path: str | Path, max_side: int = 1024) -> ImageCheck:
         else:
             image.save(buffer, "PNG")
         stored = buffer.getvalue()
-    return ImageCheck(stored, None, None, converted_from, downscaled_from, image.size,
-                      hashlib.sha256(stored).hexdigest())
+    return ImageCheck(
+        stored, None, None, converted_from, downscaled_from, image.size, hashlib.sha256(stored).hexdigest()
+    )

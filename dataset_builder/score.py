@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,32 +18,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from modeling_cnngemma import check_source
+
 from .atomic import atomic_directory
 from .card import write_card
-
-
-def _offline() -> bool:
-    import huggingface_hub.constants
-
-    return huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
-        "1", "ON", "YES", "TRUE")
-
-
-def resolve_clip_model(clip_model: str) -> str:
-    """Return a loadable path or Hub id, or fail fast: a missing local folder or a Hub id while offline."""
-    if Path(clip_model).is_dir():
-        return clip_model
-    looks_local = clip_model.startswith((".", "/", "~")) or clip_model.count("/") > 1 or Path(clip_model).exists()
-    if looks_local:
-        raise FileNotFoundError(f"--clip-model {clip_model}: no such folder. Expected a folder written by "
-                                "CLIPModel.save_pretrained (with its tokenizer and image processor) or a Hub id "
-                                "such as openai/clip-vit-base-patch32. Fix: check the path.")
-    if _offline():
-        raise RuntimeError(f"--clip-model {clip_model!r} is a Hub id, but offline mode is on (HF_HUB_OFFLINE=1), so "
-                           "it cannot be downloaded. Expected a local folder in offline mode. Fix: pass --clip-model "
-                           "/path/to/clip (saved with save_pretrained, model + tokenizer + image processor), or "
-                           "unset HF_HUB_OFFLINE on a machine that can reach the Hub.")
-    return clip_model
 
 
 def _features(output):
@@ -58,8 +35,16 @@ def _decode(image) -> Image.Image:
     return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
 
 
-def clip_scores(pairs: datasets.Dataset, grouped: datasets.Dataset, model, tokenizer, image_processor,
-                batch_size: int = 64, device: str = "cpu", desc: str = "") -> np.ndarray:
+def clip_scores(
+    pairs: datasets.Dataset,
+    grouped: datasets.Dataset,
+    model,
+    tokenizer,
+    image_processor,
+    batch_size: int = 64,
+    device: str = "cpu",
+    desc: str = "",
+) -> np.ndarray:
     """Cosine similarity of each pair's caption with its image; images are embedded once each."""
     import torch
 
@@ -68,21 +53,31 @@ def clip_scores(pairs: datasets.Dataset, grouped: datasets.Dataset, model, token
     image_embeddings = []
     with torch.inference_mode():
         for start in tqdm(range(0, len(grouped), batch_size), desc=f"{desc} images", unit="batch"):
-            batch = [_decode(image) for image in raw_images[start:start + batch_size]["image"]]
+            batch = [_decode(image) for image in raw_images[start : start + batch_size]["image"]]
             pixels = image_processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
-            image_embeddings.append(torch.nn.functional.normalize(
-                _features(model.get_image_features(pixel_values=pixels)).float(), dim=-1))
+            image_embeddings.append(
+                torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+            )
         images = torch.cat(image_embeddings)
         row_of = {image_id: row for row, image_id in enumerate(grouped["image_id"])}
         image_rows = torch.tensor([row_of[image_id] for image_id in pairs["image_id"]], device=device)
         captions = pairs["caption"]
         scores = []
         for start in tqdm(range(0, len(pairs), batch_size), desc=f"{desc} captions", unit="batch"):
-            tokens = tokenizer(captions[start:start + batch_size], padding=True, truncation=True,
-                               max_length=max_length, return_tensors="pt").to(device)
-            text = torch.nn.functional.normalize(_features(model.get_text_features(
-                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])).float(), dim=-1)
-            scores.append((text * images[image_rows[start:start + batch_size]]).sum(-1).cpu())
+            tokens = tokenizer(
+                captions[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            text = torch.nn.functional.normalize(
+                _features(
+                    model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+                ).float(),
+                dim=-1,
+            )
+            scores.append((text * images[image_rows[start : start + batch_size]]).sum(-1).cpu())
     return torch.cat(scores).numpy()
 
 
@@ -111,8 +106,9 @@ def _write_report(folder: Path, rows: list[tuple[str, str, str, float]], pairs: 
         writer.writerow(["split", "image_id", "caption", "clip_score"])
         writer.writerows([*rows[k][:3], f"{rows[k][3]:.4f}"] for k in worst)
     raw = {split: grouped.cast_column("image", datasets.Image(decode=False)) for split, grouped in pairs.items()}
-    row_of = {(split, image_id): row for split, grouped in pairs.items()
-              for row, image_id in enumerate(grouped["image_id"])}
+    row_of = {
+        (split, image_id): row for split, grouped in pairs.items() for row, image_id in enumerate(grouped["image_id"])
+    }
     examples = []
     for k in worst:
         split, image_id, caption, score = rows[k]
@@ -124,34 +120,47 @@ def score(dataset: str | Path, clip_model: str, batch_size: int = 64, device: st
     """Score every pair of a built dataset in place (atomically) and write the report; returns a summary."""
     dataset = Path(dataset)
     if not (dataset / "stats.json").is_file():
-        raise FileNotFoundError(f"--dataset {dataset}: not a dataset_builder output (no stats.json). Expected the "
-                                "--output folder of `build`. Fix: build it first.")
+        raise FileNotFoundError(
+            f"--dataset {dataset}: not a dataset_builder output (no stats.json). Expected the "
+            "--output folder of `build`. Fix: build it first."
+        )
     stats = json.loads((dataset / "stats.json").read_text(encoding="utf-8"))
     if not stats["with_images"]:
-        raise ValueError(f"--dataset {dataset} was built with --captions-only, so there are no images to score. "
-                         "Expected a build with --images. Fix: rebuild with --images DIR.")
-    source = resolve_clip_model(clip_model)
+        raise ValueError(
+            f"--dataset {dataset} was built with --captions-only, so there are no images to score. "
+            "Expected a build with --images. Fix: rebuild with --images DIR."
+        )
+    check_source(clip_model, "--clip-model")
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    model = CLIPModel.from_pretrained(source).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    image_processor = AutoImageProcessor.from_pretrained(source)
+    model = CLIPModel.from_pretrained(clip_model).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(clip_model)
+    image_processor = AutoImageProcessor.from_pretrained(clip_model)
     pairs = datasets.load_from_disk(str(dataset))
     grouped = datasets.load_from_disk(str(dataset / "grouped"))
     scored, rows = {}, []
     for split, split_pairs in pairs.items():
         if "clip_score" in split_pairs.column_names:
             split_pairs = split_pairs.remove_columns("clip_score")
-        values = clip_scores(split_pairs, grouped[split], model, tokenizer, image_processor, batch_size, device,
-                             desc=split)
-        scored[split] = split_pairs.add_column("clip_score", values.astype(np.float32).tolist(),
-                                               feature=datasets.Value("float32"))
-        rows += list(zip([split] * len(values), split_pairs["image_id"], split_pairs["caption"],
-                         values.tolist(), strict=True))
+        values = clip_scores(
+            split_pairs, grouped[split], model, tokenizer, image_processor, batch_size, device, desc=split
+        )
+        scored[split] = split_pairs.add_column(
+            "clip_score", values.astype(np.float32).tolist(), feature=datasets.Value("float32")
+        )
+        rows += list(
+            zip([split] * len(values), split_pairs["image_id"], split_pairs["caption"], values.tolist(), strict=True)
+        )
     all_scores = np.array([row[3] for row in rows])
-    stats["clip_score"] = {"model": clip_model, "pairs": len(rows), "mean": float(all_scores.mean()),
-                           "median": float(np.median(all_scores)), "min": float(all_scores.min()),
-                           "max": float(all_scores.max()), "lowest": min(lowest, len(rows))}
+    stats["clip_score"] = {
+        "model": clip_model,
+        "pairs": len(rows),
+        "mean": float(all_scores.mean()),
+        "median": float(np.median(all_scores)),
+        "min": float(all_scores.min()),
+        "max": float(all_scores.max()),
+        "lowest": min(lowest, len(rows)),
+    }
     with atomic_directory(dataset) as work:
         datasets.DatasetDict(scored).save_to_disk(str(work))
         for name in ("grouped", "csv"):

@@ -20,16 +20,26 @@ from tqdm.auto import tqdm
 from .atomic import atomic_directory
 
 COLOURS = {
-    "red": (205, 40, 35), "blue": (35, 85, 210), "white": (240, 240, 240), "yellow": (240, 205, 30),
-    "black": (25, 25, 28), "orange": (235, 125, 25), "green": (45, 150, 55), "grey": (140, 140, 145),
+    "red": (205, 40, 35),
+    "blue": (35, 85, 210),
+    "white": (240, 240, 240),
+    "yellow": (240, 205, 30),
+    "black": (25, 25, 28),
+    "orange": (235, 125, 25),
+    "green": (45, 150, 55),
+    "grey": (140, 140, 145),
     "brown": (125, 85, 45),
 }
 NUMBERS = ("one", "two", "three", "four", "five", "six")
 POSITIONS = {  # region centre (x, y) as a fraction of the side, and its phrase
-    "top left": ((0.27, 0.27), "in the top left corner"), "top": ((0.5, 0.25), "at the top"),
-    "top right": ((0.73, 0.27), "in the top right corner"), "left": ((0.25, 0.5), "on the left"),
-    "centre": ((0.5, 0.5), "in the centre"), "right": ((0.75, 0.5), "on the right"),
-    "bottom left": ((0.27, 0.73), "in the bottom left corner"), "bottom": ((0.5, 0.75), "at the bottom"),
+    "top left": ((0.27, 0.27), "in the top left corner"),
+    "top": ((0.5, 0.25), "at the top"),
+    "top right": ((0.73, 0.27), "in the top right corner"),
+    "left": ((0.25, 0.5), "on the left"),
+    "centre": ((0.5, 0.5), "in the centre"),
+    "right": ((0.75, 0.5), "on the right"),
+    "bottom left": ((0.27, 0.73), "in the bottom left corner"),
+    "bottom": ((0.5, 0.75), "at the bottom"),
     "bottom right": ((0.73, 0.73), "in the bottom right corner"),
 }
 REGION_HALF = 0.23  # objects are placed in a box of side 2 * REGION_HALF around the region centre
@@ -37,18 +47,54 @@ SUPERSAMPLE = 2  # draw at twice the size and downsample: smooth edges at no cos
 
 # Counted objects: noun, plural, verb, colours, base length (fraction of the side), oriented?, scene, background.
 COUNTED = {
-    "airport": dict(noun="plane", verb="parked", colours=("white", "red", "blue", "yellow"), length=0.19,
-                    oriented=True, place="airport"),
-    "harbour": dict(noun="ship", verb="moored", colours=("white", "red", "yellow", "orange"), length=0.19,
-                    oriented=True, place="harbour"),
-    "parking lot": dict(noun="car", verb="parked", colours=("red", "blue", "white", "yellow"), length=0.11,
-                        oriented=True, place="parking lot"),
-    "storage tanks": dict(noun="storage tank", verb="standing", colours=("white", "blue", "red", "green"),
-                          length=0.12, oriented=False, place="industrial area"),
-    "sparse residential": dict(noun="house", verb="standing", colours=("red", "blue", "orange", "white"),
-                               length=0.12, oriented=False, place="residential area"),
-    "beach": dict(noun="umbrella", verb="standing", colours=("red", "blue", "green", "orange"), length=0.1,
-                  oriented=False, place="beach"),
+    "airport": dict(
+        noun="plane",
+        verb="parked",
+        colours=("white", "red", "blue", "yellow"),
+        length=0.19,
+        oriented=True,
+        place="airport",
+    ),
+    "harbour": dict(
+        noun="ship",
+        verb="moored",
+        colours=("white", "red", "yellow", "orange"),
+        length=0.19,
+        oriented=True,
+        place="harbour",
+    ),
+    "parking lot": dict(
+        noun="car",
+        verb="parked",
+        colours=("red", "blue", "white", "yellow"),
+        length=0.11,
+        oriented=True,
+        place="parking lot",
+    ),
+    "storage tanks": dict(
+        noun="storage tank",
+        verb="standing",
+        colours=("white", "blue", "red", "green"),
+        length=0.12,
+        oriented=False,
+        place="industrial area",
+    ),
+    "sparse residential": dict(
+        noun="house",
+        verb="standing",
+        colours=("red", "blue", "orange", "white"),
+        length=0.12,
+        oriented=False,
+        place="residential area",
+    ),
+    "beach": dict(
+        noun="umbrella",
+        verb="standing",
+        colours=("red", "blue", "green", "orange"),
+        length=0.1,
+        oriented=False,
+        place="beach",
+    ),
 }
 SCENES = (*COUNTED, "dense residential", "farmland", "forest", "river", "bridge", "desert", "ground track field")
 
@@ -89,9 +135,11 @@ def _draw_object(draw: ImageDraw.ImageDraw, kind: str, cx, cy, length, angle, co
     L = length
     offset = 0.07 * L
     if kind == "plane":
-        parts = [[(-0.5, -0.05), (0.45, -0.05), (0.5, 0), (0.45, 0.05), (-0.5, 0.05)],
-                 [(0.12, 0), (-0.12, -0.48), (-0.22, -0.48), (-0.08, 0), (-0.22, 0.48), (-0.12, 0.48)],
-                 [(-0.38, 0), (-0.46, -0.18), (-0.52, -0.18), (-0.48, 0), (-0.52, 0.18), (-0.46, 0.18)]]
+        parts = [
+            [(-0.5, -0.05), (0.45, -0.05), (0.5, 0), (0.45, 0.05), (-0.5, 0.05)],
+            [(0.12, 0), (-0.12, -0.48), (-0.22, -0.48), (-0.08, 0), (-0.22, 0.48), (-0.12, 0.48)],
+            [(-0.38, 0), (-0.46, -0.18), (-0.52, -0.18), (-0.48, 0), (-0.52, 0.18), (-0.46, 0.18)],
+        ]
     elif kind == "ship":
         parts = [[(-0.5, -0.12), (0.3, -0.12), (0.5, 0), (0.3, 0.12), (-0.5, 0.12)]]
     elif kind == "car":
@@ -108,8 +156,12 @@ def _draw_object(draw: ImageDraw.ImageDraw, kind: str, cx, cy, length, angle, co
             draw.ellipse((cx - 0.12 * r, cy - 0.12 * r, cx + 0.12 * r, cy + 0.12 * r), fill=_shade(colour, 0.6))
         else:
             for start in range(0, 360, 90):
-                draw.pieslice((cx - r, cy - r, cx + r, cy + r), start + angle * 57.3, start + 45 + angle * 57.3,
-                              fill=(245, 245, 245))
+                draw.pieslice(
+                    (cx - r, cy - r, cx + r, cy + r),
+                    start + angle * 57.3,
+                    start + 45 + angle * 57.3,
+                    fill=(245, 245, 245),
+                )
         return
     scaled = [[(x * L, y * L) for x, y in part] for part in parts]
     if shadow:
@@ -124,8 +176,11 @@ def _draw_object(draw: ImageDraw.ImageDraw, kind: str, cx, cy, length, angle, co
         glass = [(0.12 * L, -0.18 * L), (0.3 * L, -0.18 * L), (0.3 * L, 0.18 * L), (0.12 * L, 0.18 * L)]
         draw.polygon(_rotate(glass, angle, cx, cy), fill=(40, 50, 60))
     elif kind == "house":
-        draw.line(_rotate([(-0.5 * L, 0), (0.5 * L, 0)], angle, cx, cy), fill=_shade(colour, 0.6),
-                  width=max(1, int(0.06 * L)))
+        draw.line(
+            _rotate([(-0.5 * L, 0), (0.5 * L, 0)], angle, cx, cy),
+            fill=_shade(colour, 0.6),
+            width=max(1, int(0.06 * L)),
+        )
 
 
 def _grid_points(rng, count: int, centre, half: float, wide: bool):
@@ -156,8 +211,9 @@ def _trees(draw, rng, side, count, avoid=None, colour=(30, 95, 40), radius=(0.01
         if avoid is not None and not _outside(avoid, x, y):
             continue
         r = rng.uniform(*radius) * side
-        draw.ellipse((x * side - r, y * side - r, x * side + r, y * side + r), fill=_shade(colour, rng.uniform(0.8,
-                                                                                                               1.2)))
+        draw.ellipse(
+            (x * side - r, y * side - r, x * side + r, y * side + r), fill=_shade(colour, rng.uniform(0.8, 1.2))
+        )
 
 
 def _counted_scene(rng, scene: str, side: int):
@@ -173,14 +229,24 @@ def _counted_scene(rng, scene: str, side: int):
         positions = [p for p in positions if blocked not in p.split()]
     position = str(rng.choice(positions))
     orientation = str(rng.choice(("horizontal", "vertical"))) if spec["oriented"] else None
-    backgrounds = {"airport": (120, 120, 118), "harbour": (40, 85, 125), "parking lot": (85, 85, 88),
-                   "storage tanks": (170, 160, 140), "sparse residential": (85, 135, 60), "beach": (220, 200, 150)}
+    backgrounds = {
+        "airport": (120, 120, 118),
+        "harbour": (40, 85, 125),
+        "parking lot": (85, 85, 88),
+        "storage tanks": (170, 160, 140),
+        "sparse residential": (85, 135, 60),
+        "beach": (220, 200, 150),
+    }
     array = _texture(rng, side, backgrounds[scene], 18 if scene != "sparse residential" else 30)
     if sea is not None:  # the sea takes the band on one side, with a foam line
         band = int(side * rng.uniform(0.24, 0.3))
         water = _texture(rng, side, (35, 100, 150), 20)
-        sl = {"left": np.s_[:, :band], "right": np.s_[:, side - band:], "top": np.s_[:band, :],
-              "bottom": np.s_[side - band:, :]}[sea]
+        sl = {
+            "left": np.s_[:, :band],
+            "right": np.s_[:, side - band :],
+            "top": np.s_[:band, :],
+            "bottom": np.s_[side - band :, :],
+        }[sea]
         array[sl] = water[sl]
     image = _to_image(array)
     draw = ImageDraw.Draw(image)
@@ -193,8 +259,12 @@ def _counted_scene(rng, scene: str, side: int):
         draw.rectangle((a, 0, b, side) if vertical else (0, a, side, b), fill=(70, 70, 72))
         for t in np.arange(0.05, 1, 0.12):
             m = edge * side
-            draw.rectangle((m - 2, t * side, m + 2, (t + 0.05) * side) if vertical else
-                           (t * side, m - 2, (t + 0.05) * side, m + 2), fill=(230, 230, 230))
+            draw.rectangle(
+                (m - 2, t * side, m + 2, (t + 0.05) * side)
+                if vertical
+                else (t * side, m - 2, (t + 0.05) * side, m + 2),
+                fill=(230, 230, 230),
+            )
         _trees(draw, rng, side, 10, box, colour=(70, 120, 50), radius=(0.03, 0.05))
     elif scene == "harbour":  # a pier and a few buoys
         y = (0.06 if centre[1] > 0.5 else 0.94) * side
@@ -232,8 +302,17 @@ def _counted_scene(rng, scene: str, side: int):
     for x, y in points:
         angle = base + rng.normal(0, 0.12) + (math.pi if rng.random() < 0.5 else 0)
         _draw_object(draw, noun, x * side, y * side, length, angle, COLOURS[colour])
-    facts = dict(scene=scene, place=spec["place"], noun=noun, count=count, colour=colour, position=position,
-                 orientation=orientation, sea=sea, verb=spec["verb"])
+    facts = dict(
+        scene=scene,
+        place=spec["place"],
+        noun=noun,
+        count=count,
+        colour=colour,
+        position=position,
+        orientation=orientation,
+        sea=sea,
+        verb=spec["verb"],
+    )
     return image, facts
 
 
@@ -255,8 +334,10 @@ def _counted_captions(facts: dict) -> list[str]:
     ]
     if facts["orientation"]:
         orient = facts["orientation"]
-        templates += [f"{number} {colour} {noun} {be} {facts['verb']} {orient}ly {pp} of the {place} .",
-                      f"there {be} {number} {orient} {colour} {noun} {pp} of the {place} ."]
+        templates += [
+            f"{number} {colour} {noun} {be} {facts['verb']} {orient}ly {pp} of the {place} .",
+            f"there {be} {number} {orient} {colour} {noun} {pp} of the {place} .",
+        ]
     return templates
 
 
@@ -282,11 +363,13 @@ def _background_scene(rng, scene: str, side: int):
         band = (0, road - 0.045 * side, side, road + 0.045 * side)
         draw.rectangle(band if orientation == "horizontal" else (band[1], 0, band[3], side), fill=(90, 90, 92))
         facts.update(colour=colour, orientation=orientation)
-        templates = [f"a dense residential area with many {colour} houses and a {orientation} road .",
-                     f"many {colour} houses are densely arranged on both sides of a {orientation} road .",
-                     f"a {orientation} road runs through a dense residential area with {colour} roofs .",
-                     f"this is a dense residential area with {colour} houses and a {orientation} road .",
-                     f"lots of {colour} houses stand close together beside a {orientation} road ."]
+        templates = [
+            f"a dense residential area with many {colour} houses and a {orientation} road .",
+            f"many {colour} houses are densely arranged on both sides of a {orientation} road .",
+            f"a {orientation} road runs through a dense residential area with {colour} roofs .",
+            f"this is a dense residential area with {colour} houses and a {orientation} road .",
+            f"lots of {colour} houses stand close together beside a {orientation} road .",
+        ]
         draw_image = image
     elif scene == "farmland":
         strips = int(rng.integers(2, 7))
@@ -298,19 +381,24 @@ def _background_scene(rng, scene: str, side: int):
         for k in range(strips):
             colour = COLOURS[pair[k % 2]]
             tex = _to_image(_texture(rng, side, _shade(colour, 0.85), 18))
-            box = (0, int(edges[k]), side, int(edges[k + 1])) if orientation == "horizontal" else \
-                (int(edges[k]), 0, int(edges[k + 1]), side)
+            box = (
+                (0, int(edges[k]), side, int(edges[k + 1]))
+                if orientation == "horizontal"
+                else (int(edges[k]), 0, int(edges[k + 1]), side)
+            )
             image.paste(tex.crop(box), box[:2])
             if k:
                 line = (0, edges[k], side, edges[k]) if orientation == "horizontal" else (edges[k], 0, edges[k], side)
                 draw.line(line, fill=(90, 70, 45), width=3)
         number, (a, b) = NUMBERS[strips - 1], pair
         facts.update(count=strips, colours=pair, orientation=orientation)
-        templates = [f"farmland with {number} {orientation} strips of {a} and {b} crops .",
-                     f"{number} {orientation} fields of {a} and {b} crops lie side by side .",
-                     f"the farmland is divided into {number} {orientation} strips of {a} and {b} .",
-                     f"there are {number} {orientation} strips of farmland in {a} and {b} .",
-                     f"{a} and {b} crops grow in {number} {orientation} strips of farmland ."]
+        templates = [
+            f"farmland with {number} {orientation} strips of {a} and {b} crops .",
+            f"{number} {orientation} fields of {a} and {b} crops lie side by side .",
+            f"the farmland is divided into {number} {orientation} strips of {a} and {b} .",
+            f"there are {number} {orientation} strips of farmland in {a} and {b} .",
+            f"{a} and {b} crops grow in {number} {orientation} strips of farmland .",
+        ]
         draw_image = image
     elif scene == "forest":
         colour = str(rng.choice(("green", "orange")))
@@ -326,11 +414,13 @@ def _background_scene(rng, scene: str, side: int):
         r = 0.15 * side
         draw.ellipse((cx * side - r, cy * side - 0.8 * r, cx * side + r, cy * side + 0.8 * r), fill=(40, 90, 140))
         facts.update(colour=colour, position=position)
-        templates = [f"a dense {colour} forest with a small lake {pp} .",
-                     f"there is a small lake {pp} of the {colour} forest .",
-                     f"many {colour} trees surround a small lake {pp} .",
-                     f"a small lake lies {pp} of a dense {colour} forest .",
-                     f"the {colour} forest is dense and has a small lake {pp} ."]
+        templates = [
+            f"a dense {colour} forest with a small lake {pp} .",
+            f"there is a small lake {pp} of the {colour} forest .",
+            f"many {colour} trees surround a small lake {pp} .",
+            f"a small lake lies {pp} of a dense {colour} forest .",
+            f"the {colour} forest is dense and has a small lake {pp} .",
+        ]
         draw_image = image
     elif scene in ("river", "bridge"):
         colour = str(rng.choice(("blue", "brown"))) if scene == "river" else "blue"
@@ -342,18 +432,23 @@ def _background_scene(rng, scene: str, side: int):
         phase, amp, mid = rng.uniform(0, 6.3), rng.uniform(0.02, 0.05) * side, rng.uniform(0.4, 0.6) * side
         for t in range(0, side + 4, 4):
             c = mid + amp * math.sin(t / side * 6.3 + phase)
-            box = (t - 4, c - width / 2, t + 4, c + width / 2) if orientation == "horizontal" else \
-                (c - width / 2, t - 4, c + width / 2, t + 4)
+            box = (
+                (t - 4, c - width / 2, t + 4, c + width / 2)
+                if orientation == "horizontal"
+                else (c - width / 2, t - 4, c + width / 2, t + 4)
+            )
             draw.rectangle(box, fill=water)
         _trees(draw, rng, side, 25, None)
         if scene == "river":
             facts.update(colour=colour, orientation=orientation)
             direction = f"{orientation}ly"
-            templates = [f"a {colour} river runs {direction} through green fields .",
-                         f"a {colour} river flows {direction} across the green land .",
-                         f"there is a {orientation} {colour} river between green fields .",
-                         f"green fields lie on both sides of a {colour} river that runs {direction} .",
-                         f"a winding {colour} river crosses the image {direction} ."]
+            templates = [
+                f"a {colour} river runs {direction} through green fields .",
+                f"a {colour} river flows {direction} across the green land .",
+                f"there is a {orientation} {colour} river between green fields .",
+                f"green fields lie on both sides of a {colour} river that runs {direction} .",
+                f"a winding {colour} river crosses the image {direction} .",
+            ]
         else:
             count = int(rng.integers(1, 4))
             bcolour = str(rng.choice(("white", "grey", "red")))
@@ -361,18 +456,23 @@ def _background_scene(rng, scene: str, side: int):
                 t = (k + 1) / (count + 1) * side + rng.uniform(-0.04, 0.04) * side
                 c = mid + amp * math.sin(t / side * 6.3 + phase)
                 half = width / 2 + 0.07 * side
-                box = (t - 0.03 * side, c - half, t + 0.03 * side, c + half) if orientation == "horizontal" else \
-                    (c - half, t - 0.03 * side, c + half, t + 0.03 * side)
+                box = (
+                    (t - 0.03 * side, c - half, t + 0.03 * side, c + half)
+                    if orientation == "horizontal"
+                    else (c - half, t - 0.03 * side, c + half, t + 0.03 * side)
+                )
                 draw.rectangle(box, fill=COLOURS[bcolour], outline=(60, 60, 60))
             number = NUMBERS[count - 1]
             noun, be = ("bridge", "is") if count == 1 else ("bridges", "are")
             facts.update(count=count, colour=bcolour, orientation=orientation)
-            templates = [f"there {be} {number} {bcolour} {noun} over a {orientation} river .",
-                         f"{number} {bcolour} {noun} {'crosses' if count == 1 else 'cross'} a river that runs "
-                         f"{orientation}ly .",
-                         f"a {orientation} river with {number} {bcolour} {noun} over it .",
-                         f"{number} {bcolour} {noun} {be} built across the {orientation} river .",
-                         f"the {orientation} river is crossed by {number} {bcolour} {noun} ."]
+            templates = [
+                f"there {be} {number} {bcolour} {noun} over a {orientation} river .",
+                f"{number} {bcolour} {noun} {'crosses' if count == 1 else 'cross'} a river that runs "
+                f"{orientation}ly .",
+                f"a {orientation} river with {number} {bcolour} {noun} over it .",
+                f"{number} {bcolour} {noun} {be} built across the {orientation} river .",
+                f"the {orientation} river is crossed by {number} {bcolour} {noun} .",
+            ]
         draw_image = image
     elif scene == "desert":
         colour = str(rng.choice(("yellow", "orange")))
@@ -385,11 +485,13 @@ def _background_scene(rng, scene: str, side: int):
         array = base + waves[:, :, None] * 28 + (_noise(rng, side)[:, :, None] - 0.5) * 30
         draw_image = _to_image(array)
         facts.update(colour=colour, orientation=orientation)
-        templates = [f"a {colour} desert with {orientation} sand dunes .",
-                     f"{orientation} sand dunes cover the {colour} desert .",
-                     f"this is a bare {colour} desert with {orientation} dunes .",
-                     f"many {orientation} ripples of {colour} sand in the desert .",
-                     f"the desert is {colour} and its dunes are {orientation} ."]
+        templates = [
+            f"a {colour} desert with {orientation} sand dunes .",
+            f"{orientation} sand dunes cover the {colour} desert .",
+            f"this is a bare {colour} desert with {orientation} dunes .",
+            f"many {orientation} ripples of {colour} sand in the desert .",
+            f"the desert is {colour} and its dunes are {orientation} .",
+        ]
     else:  # ground track field
         colour = str(rng.choice(("red", "blue")))
         position = str(rng.choice(("left", "centre", "right")))
@@ -400,14 +502,21 @@ def _background_scene(rng, scene: str, side: int):
         cx, cy = cx * side, cy * side
         w, h = 0.21 * side, 0.38 * side
         draw.rounded_rectangle((cx - w, cy - h, cx + w, cy + h), radius=w, fill=COLOURS[colour])
-        draw.rounded_rectangle((cx - 0.62 * w, cy - 0.75 * h, cx + 0.62 * w, cy + 0.75 * h), radius=0.62 * w,
-                               fill=(60, 150, 60), outline=(240, 240, 240), width=2)
+        draw.rounded_rectangle(
+            (cx - 0.62 * w, cy - 0.75 * h, cx + 0.62 * w, cy + 0.75 * h),
+            radius=0.62 * w,
+            fill=(60, 150, 60),
+            outline=(240, 240, 240),
+            width=2,
+        )
         facts.update(colour=colour, position=position)
-        templates = [f"a {colour} running track around a green football field {pp} .",
-                     f"there is a ground track field with a {colour} track {pp} .",
-                     f"a green football field inside a {colour} running track lies {pp} .",
-                     f"{pp} there is a playground with a {colour} track .",
-                     f"a {colour} oval track surrounds a green field {pp} ."]
+        templates = [
+            f"a {colour} running track around a green football field {pp} .",
+            f"there is a ground track field with a {colour} track {pp} .",
+            f"a green football field inside a {colour} running track lies {pp} .",
+            f"{pp} there is a playground with a {colour} track .",
+            f"a {colour} oval track surrounds a green field {pp} .",
+        ]
         draw_image = image
     return draw_image, facts, templates
 
@@ -470,12 +579,15 @@ def write_grid(examples, path: str | Path, cell: int = 224, columns: int = 4) ->
         x = 8 + (k % columns) * (cell + 8)
         y = 8 + (k // columns) * (cell + text_height + 8)
         sheet.paste(image.resize((cell, cell)), (x, y))
-        draw.multiline_text((x, y + cell + 3), "\n".join(textwrap.wrap(caption, cell // 7)[:4]), fill=(0, 0, 0), font=font)
+        draw.multiline_text(
+            (x, y + cell + 3), "\n".join(textwrap.wrap(caption, cell // 7)[:4]), fill=(0, 0, 0), font=font
+        )
     sheet.save(path)
 
 
-def synthesize(output: str | Path, num_images: int = 2000, seed: int = 0, size: int = 224,
-               grid: str | Path | None = None) -> dict:
+def synthesize(
+    output: str | Path, num_images: int = 2000, seed: int = 0, size: int = 224, grid: str | Path | None = None
+) -> dict:
     """Write `output/captions.csv` (RISCM raw layout) and `output/resized/SYN_#####.jpg`, atomically."""
     if num_images < 1:
         raise ValueError(f"--num-images {num_images}: expected at least 1.")
@@ -499,9 +611,13 @@ def synthesize(output: str | Path, num_images: int = 2000, seed: int = 0, size: 
             writer = csv.writer(file, lineterminator="\n")
             writer.writerow(["source", "split", "image", *(f"caption_{n}" for n in range(1, 6))])
             writer.writerows(rows)
-        summary = {"images": num_images, "seed": seed, "size": size,
-                   "splits": {name: splits.count(name) for name in ("train", "val", "test")},
-                   "scenes": dict(sorted(scenes.items()))}
+        summary = {
+            "images": num_images,
+            "seed": seed,
+            "size": size,
+            "splits": {name: splits.count(name) for name in ("train", "val", "test")},
+            "scenes": dict(sorted(scenes.items())),
+        }
         (work / "stats.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if grid is not None:
         write_grid(examples, grid)

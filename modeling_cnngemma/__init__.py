@@ -7,6 +7,7 @@ from .modeling_cnngemma import (
     CNNGemmaModel,
     CNNGemmaMultiModalProjector,
     CNNGemmaPreTrainedModel,
+    check_source,
 )
 from .processing_cnngemma import CNNGemmaProcessor
 from .tokenizer import build_caption_tokenizer
@@ -27,4 +28,5 @@ __all__ = [
     "CNNGemmaPreTrainedModel",
     "CNNGemmaProcessor",
     "build_caption_tokenizer",
+    "check_source",
 ]

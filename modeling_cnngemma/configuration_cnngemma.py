@@ -1,6 +1,6 @@
 """CNNGemma configuration: a timm CNN encoder, a projector and a Gemma-family decoder.
 
-The encoder's output grid (and so the number of image tokens) is measured, not assumed: see `probe_vision_tower`.
+The encoder's output grid, and so the number of image tokens, is measured on the meta device, not assumed.
 """
 
 import difflib
@@ -22,10 +22,8 @@ PALIGEMMA_IMAGE_TOKEN_ID = 257152
 
 @lru_cache(maxsize=64)
 def probe_vision_tower(vision_model_name: str, image_size: int) -> tuple[int, int, int]:
-    """Runs the timm model on the meta device and returns (feature_dim, grid_height, grid_width) of its final map.
-
-    No weights are allocated and nothing is downloaded, so this is cheap enough to run for every config.
-    """
+    """(feature_dim, grid_height, grid_width) of the timm model's final feature map, from a meta-device forward:
+    no weights are allocated and nothing is downloaded."""
     with torch.device("meta"):
         # eval(): a train-mode BatchNorm refuses a 1x1 map at batch 1 (image_size == total stride)
         model = timm.create_model(vision_model_name, pretrained=False, num_classes=0).eval()
@@ -60,15 +58,10 @@ class CNNGemmaConfig(PreTrainedConfig):
         projector_type (`str`): `"linear"` (one Linear) or `"mlp"` (Linear-GELU-Linear).
         image_token_id (`int`): id of the `<image>` placeholder token.
         prompt_prefix (`str`): the default prompt the processor puts before the caption.
-        vision_channels_last (`bool`): run the CNN in channels_last (NHWC) memory format, weights and input. Same
-            outputs up to float rounding (checked in tests/test_fast_paths.py), measured 1.5-1.7x faster on CPU
-            (benchmarks/); set False for the plain NCHW path.
-        vision_fold_batchnorm (`bool`): at inference (tower in eval mode, no gradient for its weights), run a cached
-            copy of the CNN with each BatchNorm folded into the conv before it. Same outputs up to float rounding
-            (tests/test_fast_paths.py), measured 1.2-1.45x faster on CPU (benchmarks/); training is unaffected.
+        vision_channels_last (`bool`): feed the CNN channels_last (NHWC) images, which oneDNN and cuDNN convolve
+            natively. Same outputs up to float rounding; False keeps the plain NCHW layout.
 
-    Derived (measured on the meta device, never read from kwargs): `vision_feature_dim`, `vision_grid`,
-    `num_image_tokens`.
+    Derived on every load, never read from kwargs: `vision_feature_dim`, `vision_grid`, `num_image_tokens`.
     """
 
     model_type = "cnngemma"
@@ -99,34 +92,30 @@ class CNNGemmaConfig(PreTrainedConfig):
     image_token_id: int = PALIGEMMA_IMAGE_TOKEN_ID
     prompt_prefix: str = "caption en"
     vision_channels_last: bool = True
-    vision_fold_batchnorm: bool = True
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
-        # Derived fields are written to config.json for readers; they are always recomputed on load.
         for derived in ("vision_feature_dim", "vision_grid", "num_image_tokens"):
-            kwargs.pop(derived, None)
+            kwargs.pop(derived, None)  # written to config.json for readers, recomputed here
         super().__post_init__(**kwargs)
-        self._validate()
+        self.validate_architecture()
         self.vision_feature_dim, height, width = probe_vision_tower(self.vision_model_name, self.image_size)
         self.vision_grid = [height, width]
         self.num_image_tokens = 1 if self.token_mode == "single" else height * width
 
-    def _validate(self):
-        if self.token_mode not in TOKEN_MODES:
-            raise ValueError(f"token_mode={self.token_mode!r} is not supported; expected one of {TOKEN_MODES}.")
-        if self.projector_type not in PROJECTOR_TYPES:
-            raise ValueError(
-                f"projector_type={self.projector_type!r} is not supported; expected one of {PROJECTOR_TYPES}."
-            )
+    def validate_architecture(self):
+        """Raises a ValueError naming the field, the value and what is allowed (transformers' hook name)."""
+        for name, allowed in (("token_mode", TOKEN_MODES), ("projector_type", PROJECTOR_TYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; expected one of {allowed}.")
         if self.text_config.model_type not in TEXT_MODEL_TYPES:
             raise ValueError(
                 f"text_config.model_type={self.text_config.model_type!r} is not supported; expected a Gemma-family "
                 f"causal LM, one of {TEXT_MODEL_TYPES}."
             )
-        if not timm.is_model(self.vision_model_name):
-            close = difflib.get_close_matches(self.vision_model_name, timm.list_models(), n=3, cutoff=0.6)
+        if not isinstance(self.vision_model_name, str) or not timm.is_model(self.vision_model_name):
+            close = difflib.get_close_matches(str(self.vision_model_name), timm.list_models(), n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise ValueError(
                 f"vision_model_name={self.vision_model_name!r} is not a timm architecture.{hint} "
@@ -135,11 +124,6 @@ class CNNGemmaConfig(PreTrainedConfig):
         if not isinstance(self.vision_channels_last, bool):
             raise ValueError(
                 f"vision_channels_last={self.vision_channels_last!r} must be a bool (True: NHWC fast path, False: NCHW)."
-            )
-        if not isinstance(self.vision_fold_batchnorm, bool):
-            raise ValueError(
-                f"vision_fold_batchnorm={self.vision_fold_batchnorm!r} must be a bool (True: fold BatchNorm into the "
-                "convs at inference, False: run the tower as built)."
             )
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
             raise ValueError(f"image_size={self.image_size!r} must be a positive int (pixels of the square input).")

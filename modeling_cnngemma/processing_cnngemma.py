@@ -5,7 +5,7 @@ Batches are left-padded so that generation continues every row from its last rea
 
 import torch
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessorMixin, TextKwargs
 
 from .image_processing_cnngemma import CNNGemmaImageProcessor
 
@@ -83,10 +83,31 @@ class CNNGemmaProcessor(ProcessorMixin):
             text: the prompt: None (the config's prefix), one string for all images, or one per image.
             suffix: optional caption(s) to learn, one per image: adds `<eos>` and returns `labels`.
             return_tensors: "pt" (default) or None for lists.
+            **kwargs: transformers' image kwargs (`size`, `do_resize`, `do_normalize`, ...) go to the image
+                processor. Its text kwargs are accepted as pipelines pass them (`padding=True`), but rows are always
+                left-padded to the longest and never truncated; asking for anything else raises.
 
         Returns:
             `BatchFeature` with exactly `input_ids`, `attention_mask`, `pixel_values` (+ `labels` with a suffix).
         """
+        for modality in ("videos", "audio"):  # apply_chat_template passes them, None when the chat has none
+            if kwargs.pop(modality, None) is not None:
+                raise ValueError(f"CNNGemmaProcessor got {modality}; CNNGemma captions images only.")
+        images_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in ImagesKwargs.__annotations__}
+        if unknown := sorted(set(kwargs) - set(TextKwargs.__annotations__)):
+            raise ValueError(
+                f"CNNGemmaProcessor got unknown keyword argument(s) {unknown}; expected images, text, suffix, "
+                "return_tensors, or transformers' image or text processing kwargs. Generation options go to "
+                "`generate` (in a pipeline: generate_kwargs={...})."
+            )
+        unsupported = {key: kwargs[key] for key in ("truncation", "max_length") if kwargs.get(key)}
+        unsupported.update({k: v for k, v in kwargs.items() if k == "padding" and v not in (True, False, "longest")})
+        unsupported.update({k: v for k, v in kwargs.items() if k == "padding_side" and v != "left"})
+        if unsupported:
+            raise ValueError(
+                f"CNNGemmaProcessor does not support {unsupported}: rows are left-padded to the longest and never "
+                "truncated (the `<image>` tokens must stay whole). Drop these arguments."
+            )
         if images is None:
             raise ValueError("CNNGemmaProcessor needs images: one PIL image or a list with one image per sample.")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -127,7 +148,7 @@ class CNNGemmaProcessor(ProcessorMixin):
         }
         if labels is not None:
             data["labels"] = [[-100] * (length - len(lab)) + lab for lab in labels]
-        pixel_values = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
+        pixel_values = self.image_processor(images, return_tensors=return_tensors, **images_kwargs)["pixel_values"]
         if return_tensors == "pt":
             data = {key: torch.tensor(value, dtype=torch.long) for key, value in data.items()}
         elif return_tensors is not None:

@@ -10,6 +10,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO_ROOT / "configuration" / "tiny.json"
+RISCM_DIR = REPO_ROOT / "tests" / "data" / "riscm"  # RISCM's real test-split captions (no images)
 
 CAPTION_WORDS = {
     "count": ["one", "two", "three", "four", "five", "six"],

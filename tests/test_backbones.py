@@ -117,7 +117,7 @@ def test_text_config_that_does_not_match_the_checkpoint(gemma_checkpoint):
         CNNGemmaForConditionalGeneration.from_backbones(cnngemma_config(hidden_size=256), language_model=path)
     assert str(error.value) == (
         f"The config's text_config does not match the checkpoint {str(path)!r}: hidden_size: config 256 != "
-        "checkpoint 128. Use a config whose text_config is the checkpoint's (e.g. configuration/*.json for Gemma-2B)."
+        "checkpoint 128. Use a config whose text_config is the checkpoint's."
     )
 
 

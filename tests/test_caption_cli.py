@@ -54,6 +54,9 @@ def test_bad_flags_and_missing_model(tmp_path, capsys):
         caption_cli.main(["--model", str(tmp_path), "--batch-size", "0", "x.png"])
     assert exit_info.value.code == 2 and "--batch-size must be >= 1, got 0." in capsys.readouterr().err
     assert caption_cli.main(["--model", str(tmp_path / "nope"), "x.png"]) == 1
-    assert f"error: --model {tmp_path / 'nope'}: no such folder." in capsys.readouterr().err
+    assert f"error: --model='{tmp_path / 'nope'}': no such file or folder. Check the path." in capsys.readouterr().err
     assert caption_cli.main(["--model", "someone/cnngemma", "x.png"]) == 1
-    assert "error: --model someone/cnngemma looks like a Hub id, but HF_HUB_OFFLINE=1" in capsys.readouterr().err
+    assert (
+        "error: --model='someone/cnngemma' looks like a Hub id, but HF_HUB_OFFLINE=1 forbids"
+        in capsys.readouterr().err
+    )

@@ -17,13 +17,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from conftest import RISCM_DIR
 
 from dataset_builder import TableError, clean_captions, read_caption_table, reference_order
 from dataset_builder.build import StrictError, build
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-RISCM = SHARED / "data" / "riscm"
 _spec = importlib.util.spec_from_file_location("bad_inputs", REPO / "tests" / "fixtures" / "dataset" / "bad_inputs.py")
 bad_inputs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bad_inputs)
@@ -36,10 +35,7 @@ def _offline(monkeypatch, tmp_path):
 
 
 def _riscm() -> Path:
-    if not (RISCM / "captions_test.csv").is_file():
-        pytest.fail(f"shared data not found at {RISCM}: the exact-match test needs shared/data/riscm/"
-                    "captions_test.csv and test.csv next to the repository (../shared). Lay out shared/ as in CI.")
-    return RISCM
+    return RISCM_DIR
 
 
 def test_clean_captions_rule():
@@ -50,7 +46,13 @@ def test_clean_captions_rule():
 
 def test_reference_order_is_rank_major():
     assert reference_order([["a1", "a2", "a3"], ["b1"], ["c1", "c2"]]) == [
-        (0, "a1"), (1, "b1"), (2, "c1"), (0, "a2"), (2, "c2"), (0, "a3")]
+        (0, "a1"),
+        (1, "b1"),
+        (2, "c1"),
+        (0, "a2"),
+        (2, "c2"),
+        (0, "a3"),
+    ]
 
 
 def test_riscm_test_split_cleans_to_the_reference_exactly(tmp_path):
@@ -66,9 +68,10 @@ def test_riscm_test_split_cleans_to_the_reference_exactly(tmp_path):
     assert "image" not in pairs["test"].column_names
     assert stats["empty_splits"] == ["train", "validation"] and stats["line_ending"] == "CRLF"
     counts = {row["source"]: row for row in stats["counts"]}
-    assert {s: (c["images"], c["captions_in"], c["duplicates_removed"], c["empties_removed"], c["pairs_out"])
-            for s, c in counts.items()} == {"NWPU": (3150, 15750, 30, 0, 15720), "RSICD": (1094, 5470, 2699, 0, 2771),
-                                            "UCM": (210, 1050, 58, 0, 992)}
+    assert {
+        s: (c["images"], c["captions_in"], c["duplicates_removed"], c["empties_removed"], c["pairs_out"])
+        for s, c in counts.items()
+    } == {"NWPU": (3150, 15750, 30, 0, 15720), "RSICD": (1094, 5470, 2699, 0, 2771), "UCM": (210, 1050, 58, 0, 992)}
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| **test** | **all** | **4,454** | **22,270** | **2,787** | **0** | **19,483** | **0** |" in card
     grouped = datasets.load_from_disk(str(tmp_path / "out" / "grouped"))["test"]
@@ -80,8 +83,10 @@ def test_long_layout_needs_split_and_accepts_validation_alias(tmp_path):
     table.write_text("image,caption\na.jpg,one .\na.jpg,ONE . \nb.jpg,two .\na.jpg,three .\n", encoding="utf-8")
     with pytest.raises(TableError) as error:
         read_caption_table(table)
-    assert str(error.value) == (f"{table}, line 1: the header ['image', 'caption'] has no 'split' column. Expected a "
-                                "split column or --split. Fix: pass --split train, --split val or --split test")
+    assert str(error.value) == (
+        f"{table}, line 1: the header ['image', 'caption'] has no 'split' column. Expected a "
+        "split column or --split. Fix: pass --split train, --split val or --split test"
+    )
     stats = build(table, tmp_path / "out", split="validation", source="MINE")
     pairs = datasets.load_from_disk(str(tmp_path / "out"))
     assert list(pairs) == ["validation"]
@@ -106,9 +111,22 @@ def test_bad_table_error_names_file_line_column(tmp_path, name):
 def test_bad_table_cli_gives_one_line_and_exit_code(tmp_path):
     table = tmp_path / "unknown_split.csv"
     table.write_bytes(bad_inputs.BAD_TABLES["unknown_split.csv"][0])
-    result = subprocess.run([sys.executable, "-m", "dataset_builder", "build", "--captions", str(table),
-                             "--captions-only", "--output", str(tmp_path / "out")], capture_output=True, text=True,
-                            cwd=REPO)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dataset_builder",
+            "build",
+            "--captions",
+            str(table),
+            "--captions-only",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {table}, {bad_inputs.BAD_TABLES['unknown_split.csv'][1]}"]
 
@@ -126,9 +144,9 @@ def test_bad_images_are_listed_converted_and_never_lose_valid_rows(tmp_path, ima
         problems = {Path(row["path"]).name: row["reason"] for row in csv.DictReader(file)}
     assert problems == {**bad_inputs.BROKEN_IMAGES, **bad_inputs.CONVERTED_IMAGES}
     assert stats["image_checks"]["downscaled"] == 1
-    assert {k: v for k, v in stats["image_checks"].items() if k in ("missing", "zero-byte", "unreadable",
-                                                                     "truncated")} == dict.fromkeys(
-        ("missing", "truncated", "unreadable", "zero-byte"), 1)
+    assert {
+        k: v for k, v in stats["image_checks"].items() if k in ("missing", "zero-byte", "unreadable", "truncated")
+    } == dict.fromkeys(("missing", "truncated", "unreadable", "zero-byte"), 1)
     grouped = datasets.load_from_disk(str(tmp_path / "out" / "grouped"))["train"]
     kept = [*bad_inputs.GOOD_IMAGES, *bad_inputs.CONVERTED_IMAGES]
     assert grouped["image_id"] == kept  # every valid row is there, in table order
@@ -145,8 +163,13 @@ def test_bad_images_are_listed_converted_and_never_lose_valid_rows(tmp_path, ima
 
 def test_strict_fails_with_the_list(tmp_path, image_fixture):
     with pytest.raises(StrictError) as error:
-        build(image_fixture / "captions.csv", tmp_path / "out", images=image_fixture / "images", strict=True,
-              num_workers=1)
+        build(
+            image_fixture / "captions.csv",
+            tmp_path / "out",
+            images=image_fixture / "images",
+            strict=True,
+            num_workers=1,
+        )
     message = str(error.value)
     assert message.startswith("--strict: 4 of 16 images cannot be used:\n")
     assert f"  {image_fixture / 'images' / 'zero.jpg'} (line 5): zero-byte: the file is empty (row dropped)" in message
@@ -173,8 +196,20 @@ def test_killed_build_leaves_nothing_half_written_and_rerun_is_identical(tmp_pat
     reference = tmp_path / "reference"
     build(captions, reference, images=images, num_workers=1)
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "dataset_builder", "build", "--captions", str(captions), "--images",
-               str(images), "--output", str(output), "--num-workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "dataset_builder",
+        "build",
+        "--captions",
+        str(captions),
+        "--images",
+        str(images),
+        "--output",
+        str(output),
+        "--num-workers",
+        "1",
+    ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".out.partial-*")) and time.monotonic() < deadline:

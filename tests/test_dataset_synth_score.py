@@ -87,8 +87,10 @@ def test_synth_captions_state_what_is_drawn():
         distance = np.abs(np.asarray(image, np.float32) - np.asarray(COLOURS[facts["colour"]], np.float32)).sum(-1)
         near = distance < distance.min() + 90  # lighting scales colours, so: the pixels closest to the stated one
         inside = np.zeros_like(near)
-        inside[int((cy - REGION_HALF) * 224):int((cy + REGION_HALF) * 224),
-               int((cx - REGION_HALF) * 224):int((cx + REGION_HALF) * 224)] = True
+        inside[
+            int((cy - REGION_HALF) * 224) : int((cy + REGION_HALF) * 224),
+            int((cx - REGION_HALF) * 224) : int((cx + REGION_HALF) * 224),
+        ] = True
         # the stated colour is concentrated in the stated region
         assert near[inside].mean() > 0.01, facts
         if facts["scene"] != "beach":  # the beach's sea is blue too, outside the region by construction
@@ -106,11 +108,28 @@ def _tiny_clip(folder: Path, captions: list[str]) -> Path:
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
-    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, vocab_size=len(vocab), max_position_embeddings=32,
-                                         bos_token_id=None, eos_token_id=2, pad_token_id=0),  # 2: legacy pooling
-                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    config = CLIPConfig(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=len(vocab),
+            max_position_embeddings=32,
+            bos_token_id=None,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),  # 2: legacy pooling
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     import torch
 
     torch.manual_seed(0)
@@ -126,8 +145,9 @@ def test_score_adds_clip_score_and_writes_the_report(synth_set, tmp_path):
     build(folder / "captions.csv", built, images=folder / "resized", num_workers=1)
     before = datasets.load_from_disk(str(built))
     clip = _tiny_clip(tmp_path / "clip", before["train"]["caption"])
-    assert main(["score", "--dataset", str(built), "--clip-model", str(clip), "--batch-size", "32", "--lowest",
-                 "8"]) == 0
+    assert (
+        main(["score", "--dataset", str(built), "--clip-model", str(clip), "--batch-size", "32", "--lowest", "8"]) == 0
+    )
     summary = json.loads((built / "stats.json").read_text())["clip_score"]
     after = datasets.load_from_disk(str(built))
     for split in before:
@@ -157,24 +177,49 @@ def test_score_with_a_hub_id_offline_fails_fast(tmp_path):
 
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
     build(table, build_dir, images=tmp_path / "images", num_workers=1)
-    result = subprocess.run([sys.executable, "-m", "dataset_builder", "score", "--dataset", str(build_dir),
-                             "--clip-model", "openai/clip-vit-base-patch32"], capture_output=True, text=True,
-                            cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dataset_builder",
+            "score",
+            "--dataset",
+            str(build_dir),
+            "--clip-model",
+            "openai/clip-vit-base-patch32",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "error: --clip-model 'openai/clip-vit-base-patch32' is a Hub id, but offline mode is on (HF_HUB_OFFLINE=1), "
-        "so it cannot be downloaded. Expected a local folder in offline mode. Fix: pass --clip-model /path/to/clip "
-        "(saved with save_pretrained, model + tokenizer + image processor), or unset HF_HUB_OFFLINE on a machine "
-        "that can reach the Hub.")
+        "error: --clip-model='openai/clip-vit-base-patch32' looks like a Hub id, but HF_HUB_OFFLINE=1 forbids "
+        "downloads. Download it elsewhere and pass the local folder or file instead, or unset HF_HUB_OFFLINE."
+    )
 
     before = sorted((p.relative_to(build_dir), p.stat().st_mtime_ns) for p in build_dir.rglob("*"))
-    result = subprocess.run([sys.executable, "-m", "dataset_builder", "push", "--dataset", str(build_dir),
-                             "--repo-id", "someone/riscm-clean"], capture_output=True, text=True, cwd=REPO,
-                            timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dataset_builder",
+            "push",
+            "--dataset",
+            str(build_dir),
+            "--repo-id",
+            "someone/riscm-clean",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"error: cannot push to someone/riscm-clean: offline mode is on (HF_HUB_OFFLINE=1). The local dataset in "
-        f"{build_dir} is unchanged. Fix: unset HF_HUB_OFFLINE on a machine that can reach the Hub and log in "
-        "(hf auth login).")
+        "error: the Hub cannot be reached: offline mode is on (HF_HUB_OFFLINE=1). Nothing was changed. Fix: unset "
+        "HF_HUB_OFFLINE on a machine with network access."
+    )
     assert sorted((p.relative_to(build_dir), p.stat().st_mtime_ns) for p in build_dir.rglob("*")) == before
     assert datasets.load_from_disk(str(build_dir))["train"]["caption"] == ["x ."]

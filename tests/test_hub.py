@@ -56,8 +56,11 @@ def add_upstream_references(folder: Path):
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*")
-            if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 def run_main(argv, api=None):
@@ -83,7 +86,7 @@ class StandInApi:
         self.calls.append(("create_repo", repo_id, kwargs))
         if self.fail_with is not None:
             raise self.fail_with
-        return f"https://huggingface.co/{repo_id}"
+        return f"https://huggingface.co/{'datasets/' if kwargs.get('repo_type') == 'dataset' else ''}{repo_id}"
 
     def create_branch(self, repo_id, **kwargs):
         self.calls.append(("create_branch", repo_id, kwargs))
@@ -159,9 +162,10 @@ CHILD = textwrap.dedent(
     # the transformers pipeline, from the folder alone, as plain prompt and as a chat
     pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
     image = Image.open(images[0])
-    plain = pipe(images=image, text="caption en", max_new_tokens=10, do_sample=False, return_full_text=False)
+    greedy = {"do_sample": False}  # generation options reach generate only through generate_kwargs
+    plain = pipe(images=image, text="caption en", max_new_tokens=10, generate_kwargs=greedy, return_full_text=False)
     chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "caption en"}]}]
-    answer = pipe(text=chat, max_new_tokens=10, do_sample=False)[0]["generated_text"][-1]
+    answer = pipe(text=chat, max_new_tokens=10, generate_kwargs=greedy)[0]["generated_text"][-1]
     json.dump({
         "tokens": tokens.tolist(),
         "pipeline_plain": plain[0]["generated_text"],
@@ -174,7 +178,9 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_dry_run_folder_loads_alone_in_a_fresh_process_with_identical_tokens_and_pipeline(trained, processor, dry_run, tmp_path):
+def test_dry_run_folder_loads_alone_in_a_fresh_process_with_identical_tokens_and_pipeline(
+    trained, processor, dry_run, tmp_path
+):
     model, _ = trained
     folder, _ = dry_run
     assert (folder / "model.safetensors.index.json").is_file()  # --max_shard_size 2MB splits the 3.4 MB weights
@@ -190,7 +196,11 @@ def test_dry_run_folder_loads_alone_in_a_fresh_process_with_identical_tokens_and
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "fresh-hf-home"))
     subprocess.run(
         [sys.executable, str(script), str(folder), *map(str, paths), str(result)],
-        cwd=outside, env=env, check=True, capture_output=True, timeout=120,
+        cwd=outside,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     child = json.loads(result.read_text())
     assert REPO_ROOT not in outside.parents
@@ -238,11 +248,27 @@ def test_auto_map_is_local_and_the_card_carries_the_metrics(trained, dry_run):
     assert {"remote-sensing", "image-captioning"} <= set(meta["tags"])
     assert meta["license"] == "apache-2.0"  # the tiny decoder holds no Gemma weights
     scores = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
-    assert scores == {"BLEU-1": 0.61, "BLEU-2": 0.45, "BLEU-3": 0.33, "BLEU-4": 0.25, "METEOR": 0.28,
-                      "ROUGE-L": 0.52, "CIDEr": 1.234}
+    assert scores == {
+        "BLEU-1": 0.61,
+        "BLEU-2": 0.45,
+        "BLEU-3": 0.33,
+        "BLEU-4": 0.25,
+        "METEOR": 0.28,
+        "ROUGE-L": 0.52,
+        "CIDEr": 1.234,
+    }
     assert meta["model-index"][0]["results"][0]["dataset"]["split"] == "test"
-    for text in ("| mobilenet_multi | 4 | 0.6100 |", "trust_remote_code=True", "revision=revision", "`max_steps`",
-                 "transformers>=5.24,<6", "RSICD", "UCM-Captions", "NWPU-Captions", "@misc{cnngemma"):
+    for text in (
+        "| mobilenet_multi | 4 | 0.6100 |",
+        "trust_remote_code=True",
+        "revision=revision",
+        "`max_steps`",
+        "transformers>=5.24,<6",
+        "RSICD",
+        "UCM-Captions",
+        "NWPU-Captions",
+        "@misc{cnngemma",
+    ):
         assert text in body, text
     assert json.loads((folder / "metrics.json").read_text())["cider"] == 1.234
     # train_args.json held a token-like flag: it is neither shown nor written
@@ -259,11 +285,13 @@ def test_push_makes_one_commit_with_the_exact_files_and_never_shows_the_token(tr
     )
     assert code == 0, stderr
     assert [call[:2] for call in api.calls] == [
-        ("create_repo", "me/cnngemma-tiny"), ("create_branch", "me/cnngemma-tiny"), ("upload_folder", "me/cnngemma-tiny")
+        ("create_repo", "me/cnngemma-tiny"),
+        ("create_branch", "me/cnngemma-tiny"),
+        ("upload_folder", "me/cnngemma-tiny"),
     ]
     assert api.calls[0][2] == {"private": False, "exist_ok": True}
     assert api.calls[2][2]["revision"] == "v1"
-    (repo_id, files), = api.uploads
+    ((repo_id, files),) = api.uploads
     assert set(files) == UPLOADED_FILES
     assert all(FAKE_TOKEN.encode() not in content for content in files.values())
     oid = f"{1:040x}"
@@ -291,7 +319,9 @@ def test_offline_no_token_and_hub_errors_are_one_line_and_change_nothing(trained
     api = StandInApi(fail_with=ConnectionError(f"Max retries exceeded (Authorization: Bearer {FAKE_TOKEN})\nmore"))
     code, stdout, stderr = run_main([*base, "--token", FAKE_TOKEN], api)
     assert code == 1 and stderr.count("\n") == 1 and FAKE_TOKEN not in stdout + stderr
-    assert stderr.startswith("push_to_hub.py: error: create_repo me/cnngemma-tiny failed: ConnectionError: Max retries")
+    assert stderr.startswith(
+        "push_to_hub.py: error: create_repo me/cnngemma-tiny failed: ConnectionError: Max retries"
+    )
     assert "Nothing local was changed" in stderr and api.uploads == []
     # a missing folder is not taken for a Hub id
     code, _, stderr = run_main(["--model_dir", tmp_path / "nope", "--dry_run", tmp_path / "dry"])
@@ -315,13 +345,18 @@ def test_all_pushes_four_variants_and_an_index(tmp_path, tokenizer):
     root = tmp_path / "runs"
     for name in push_to_hub.VARIANTS:
         encoder, tokens = name.split("_")
-        make_variant(root / name, "mobilenetv3_small_050" if encoder == "mobilenet" else "test_efficientnet", tokens,
-                     tokenizer)
+        make_variant(
+            root / name, "mobilenetv3_small_050" if encoder == "mobilenet" else "test_efficientnet", tokens, tokenizer
+        )
     api = StandInApi()
     code, stdout, stderr = run_main(["--all", root, "--namespace", "me", "--token", FAKE_TOKEN], api)
     assert code == 0, stderr
-    expected = ["me/cnngemma-mobilenet-single", "me/cnngemma-mobilenet-multi", "me/cnngemma-efficientnet-single",
-                "me/cnngemma-efficientnet-multi"]
+    expected = [
+        "me/cnngemma-mobilenet-single",
+        "me/cnngemma-mobilenet-multi",
+        "me/cnngemma-efficientnet-single",
+        "me/cnngemma-efficientnet-multi",
+    ]
     assert [repo for repo, _ in api.uploads] == [*expected, "me/cnngemma"]
     for repo, files in api.uploads[:4]:
         assert set(files) == UPLOADED_FILES
@@ -355,13 +390,15 @@ def test_dataset_dir_pushes_card_then_both_configs(tmp_path, monkeypatch):
         datasets.DatasetDict, "push_to_hub", lambda self, repo_id, **kw: pushed.append((repo_id, list(self), kw))
     )
     api = StandInApi()
-    code, stdout, stderr = run_main(["--dataset_dir", folder, "--dataset_repo_id", "me/riscm", "--token", FAKE_TOKEN],
-                                    api)
+    code, stdout, stderr = run_main(
+        ["--dataset_dir", folder, "--dataset_repo_id", "me/riscm", "--token", FAKE_TOKEN], api
+    )
     assert code == 0, stderr
     assert [call[:2] for call in api.calls] == [("create_repo", "me/riscm"), ("upload_file", "me/riscm")]
     assert api.calls[0][2]["repo_type"] == "dataset" and api.calls[1][2]["path_in_repo"] == "README.md"
     assert [(repo, splits, kw.get("config_name")) for repo, splits, kw in pushed] == [
-        ("me/riscm", ["train"], None), ("me/riscm", ["train"], "grouped")
+        ("me/riscm", ["train"], None),
+        ("me/riscm", ["train"], "grouped"),
     ]
     assert "https://huggingface.co/datasets/me/riscm (train: 2 rows)" in stdout and FAKE_TOKEN not in stdout + stderr
 
@@ -397,3 +434,61 @@ def test_merge_lora_uploads_merged_weights(trained, processor, tmp_path):
         expected, original = lora.eval()(**inputs).logits, trained[0](**inputs).logits
         torch.testing.assert_close(merged(**inputs).logits, expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(expected, original, atol=1e-3)
+
+
+def test_both_dataset_entry_points_make_the_same_hub_calls(tmp_path, monkeypatch):
+    """`python -m dataset_builder push` and `push_to_hub.py --dataset_dir` go through the one `push_dataset`."""
+    import datasets
+    import huggingface_hub
+
+    from dataset_builder.__main__ import main as dataset_builder_main
+    from dataset_builder.build import build
+
+    table = tmp_path / "captions.csv"
+    table.write_text("image,caption,split\na.jpg,two planes .,train\na.jpg,planes .,train\nb.jpg,a ship .,test\n")
+    build(table, tmp_path / "built")
+    api = StandInApi()
+    # Online, with the real HfApi replaced: both entry points build their client through dataset_builder.push.hub_api.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
+    monkeypatch.setattr(
+        datasets.DatasetDict,
+        "push_to_hub",
+        lambda self, repo_id, **kw: api.calls.append(("push_to_hub", repo_id, {"splits": list(self), **kw})),
+    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert dataset_builder_main(["push", "--dataset", str(tmp_path / "built"), "--repo-id", "me/riscm"]) == 0
+    via_dataset_builder, api.calls = api.calls, []
+    code, stdout, stderr = run_main(
+        ["--dataset_dir", tmp_path / "built", "--dataset_repo_id", "me/riscm", "--token", FAKE_TOKEN]
+    )
+    assert code == 0, stderr
+
+    def without_token(calls):
+        return [(name, repo, {k: v for k, v in kw.items() if k != "token"}) for name, repo, kw in calls]
+
+    assert without_token(api.calls) == without_token(via_dataset_builder)
+    assert [(name, kw.get("path_in_repo"), kw.get("config_name")) for name, _, kw in api.calls] == [
+        ("create_repo", None, None),
+        ("upload_file", "README.md", None),
+        ("push_to_hub", None, None),
+        ("push_to_hub", None, "grouped"),
+    ]
+    assert api.calls[3][2]["set_default"] is False and api.calls[2][2]["splits"] == ["train", "test"]
+    assert (
+        out.getvalue()
+        == stdout
+        == "dataset me/riscm: https://huggingface.co/datasets/me/riscm (train: 2 rows, test: 1 rows)\n"
+    )
+
+
+def test_an_auto_map_entry_outside_the_folder_is_refused(tmp_path):
+    (tmp_path / "modeling_cnngemma.py").write_text("")
+    config = {"auto_map": {"AutoModel": "modeling_cnngemma.CNNGemmaModel"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    push_to_hub.check_auto_maps(tmp_path)
+    nested = {"image_processor": {"auto_map": {"AutoImageProcessor": UPSTREAM + "image_processing_cnngemma.X"}}}
+    (tmp_path / "processor_config.json").write_text(json.dumps(nested))
+    with pytest.raises(push_to_hub.PushError, match=r"processor_config.json: auto_map entry 'upstream/cnngemma--"):
+        push_to_hub.check_auto_maps(tmp_path)

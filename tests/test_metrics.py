@@ -13,10 +13,11 @@ from pathlib import Path
 
 import evaluate
 import pytest
+from conftest import RISCM_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_DIR = REPO / "metrics" / "caption_metrics"
-RISCM_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "riscm" / "test.csv"
+RISCM_TEST = RISCM_DIR / "test.csv"
 KEYS = ["bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"]
 PARITY_TOL = 1e-6
 # On these captions the Python tokenizer gives exactly PTB's tokens (checked below), so the fallback's scores should
@@ -27,8 +28,6 @@ EDGE_PREDICTIONS = ["", "...", "A white plane (parked) on the runway, isn't it?"
 
 
 def _riscm_images() -> list[list[str]]:
-    if not RISCM_TEST.is_file():
-        pytest.fail(f"RISCM test captions not found at {RISCM_TEST}: the metric tests need shared/ next to the repo.")
     captions: dict[str, list[str]] = {}
     with open(RISCM_TEST, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):

@@ -6,6 +6,7 @@ import torch
 from conftest import random_images, synthetic_captions
 from PIL import Image
 from transformers import AutoTokenizer
+from transformers.image_utils import PILImageResampling
 
 from modeling_cnngemma import CNNGemmaImageProcessor, CNNGemmaProcessor, build_caption_tokenizer
 
@@ -42,8 +43,41 @@ def test_resize_keeps_the_whole_image_no_centre_crop():
 
 def test_image_processor_follows_timm_pretrained_config():
     image_processor = CNNGemmaImageProcessor.from_timm("efficientnet_b0", 224)
-    assert (image_processor.size, image_processor.resample) == (224, "bicubic")
+    assert (image_processor.size.height, image_processor.size.width) == (224, 224)
+    assert image_processor.resample == PILImageResampling.BICUBIC
     assert image_processor.image_mean == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_size_do_resize_and_do_normalize_are_honoured(processor):
+    image = random_images(1, size=40)[0]  # 40x40
+    image_processor = processor.image_processor
+    assert image_processor(image, size=64)["pixel_values"].shape == (1, 3, 64, 64)
+    assert image_processor(image, size={"height": 32, "width": 48})["pixel_values"].shape == (1, 3, 32, 48)
+    assert image_processor(image, do_resize=False)["pixel_values"].shape == (1, 3, 40, 40)
+    raw = image_processor(image, do_resize=False, do_normalize=False)["pixel_values"][0]
+    torch.testing.assert_close(raw, torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))
+    # and through the processor, which hands them to the image processor
+    assert processor(images=[image], size=64)["pixel_values"].shape == (1, 3, 64, 64)
+
+
+def test_unknown_kwargs_are_refused_by_name(processor):
+    image = random_images(1)[0]
+    with pytest.raises(ValueError, match=r"CNNGemmaImageProcessor got unknown keyword argument\(s\) \['sise'\]"):
+        processor.image_processor(image, sise=64)
+    with pytest.raises(ValueError, match=r"CNNGemmaProcessor got unknown keyword argument\(s\) \['prompt'\]"):
+        processor(images=[image], prompt="caption en")
+    with pytest.raises(ValueError, match=r"\['do_sample'\].*Generation options go to `generate`"):
+        processor(images=[image], do_sample=False)  # what pipe(..., do_sample=False) would pass along
+    with pytest.raises(ValueError, match=r"does not support \{'truncation': True\}"):
+        processor(images=[image], truncation=True)
+    # what transformers' pipelines pass is accepted: rows are left-padded to the longest anyway
+    assert torch.equal(processor(images=[image], padding=True)["input_ids"], processor(images=[image])["input_ids"])
+
+
+def test_resample_by_name_and_unknown_names():
+    assert CNNGemmaImageProcessor(resample="nearest").resample == PILImageResampling.NEAREST
+    with pytest.raises(ValueError, match=r"resample='box' is not supported; expected one of \('nearest', "):
+        CNNGemmaImageProcessor(resample="box")
 
 
 def test_prompt_layout_labels_and_left_padding(processor, tokenizer):

@@ -1,4 +1,5 @@
-"""train_hf.py: bad input stops before training, exact kill-and-resume, two CPU processes, LoRA round trip."""
+"""train_hf.py: bad input stops before training, exact kill-and-resume with true logged losses and the requested
+warmup, two CPU processes, LoRA round trip."""
 
 import importlib.util
 import json
@@ -13,11 +14,13 @@ import torch
 from conftest import REPO_ROOT, make_tiny_model, random_images, synthetic_captions
 from safetensors.torch import load_file
 
+from metrics.caption_metrics import METRIC_KEYS
+
 spec = importlib.util.spec_from_file_location("train_hf", REPO_ROOT / "train_hf.py")
 train_hf = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_hf)
 
-FAST = ["--batch_size", "4", "--logging_steps", "2", "--report_to", "none", "--warmup_steps", "2", "--seed", "7"]
+FAST = ["--batch_size", "4", "--report_to", "none", "--seed", "7"]
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +63,18 @@ def run_train(*args, cwd, processes: int = 1, wait: bool = True):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_kill_and_resume_gives_bitwise_identical_weights(tmp_path, tiny_dataset):
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, tiny_dataset):
+    """A 12-step run straight through (loss logged every step), and the same run killed with SIGKILL after a
+    checkpoint and resumed (loss logged every 5 steps, so the first window after the resume and the last are partial).
+    Warmup (20 steps) is longer than the run."""
+    tmp_path = tmp_path_factory.mktemp("resume")
     common = [
         "--dataset",
         tiny_dataset,
         *FAST,
+        "--warmup_steps",
+        "20",
         "--max_steps",
         "12",
         "--checkpointing_steps",
@@ -74,11 +84,12 @@ def test_kill_and_resume_gives_bitwise_identical_weights(tmp_path, tiny_dataset)
         "--no_eval",
         "--augment",
     ]
-    straight = run_train(*common, "--output_dir", tmp_path / "straight", cwd=tmp_path)
+    straight = run_train(*common, "--logging_steps", "1", "--output_dir", tmp_path / "straight", cwd=tmp_path)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    process = run_train(*common, "--output_dir", killed_dir, cwd=tmp_path, wait=False)
+    common += ["--logging_steps", "5", "--output_dir", killed_dir]
+    process = run_train(*common, cwd=tmp_path, wait=False)
     deadline = time.monotonic() + 300
     while not (killed_dir / "checkpoints" / "step_000004").is_dir():
         assert process.poll() is None, process.stdout.read()[-3000:]
@@ -89,13 +100,20 @@ def test_kill_and_resume_gives_bitwise_identical_weights(tmp_path, tiny_dataset)
     checkpoints = sorted(p.name for p in (killed_dir / "checkpoints").iterdir())
     assert checkpoints[-1] < "step_000012" and not (killed_dir / "model.safetensors").exists(), checkpoints
 
-    resumed = run_train(*common, "--output_dir", killed_dir, "--resume_from_checkpoint", "latest", cwd=tmp_path)
+    resumed = run_train(*common, "--resume_from_checkpoint", "latest", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {killed_dir / 'checkpoints' / checkpoints[-1]}" in resumed.stdout
-    expected, actual = (
-        load_file(tmp_path / "straight" / "model.safetensors"),
-        load_file(killed_dir / "model.safetensors"),
-    )
+    return tmp_path / "straight", killed_dir, int(checkpoints[-1].split("_")[1]), straight.stdout
+
+
+def loss_history(output_dir):
+    state = json.loads((output_dir / "checkpoints" / "step_000012" / "training_state.json").read_text())
+    return [tuple(entry) for entry in state["loss_history"]]
+
+
+def test_kill_and_resume_gives_bitwise_identical_weights(resumed_run, tiny_dataset):
+    straight_dir, killed_dir, _, _ = resumed_run
+    expected, actual = load_file(straight_dir / "model.safetensors"), load_file(killed_dir / "model.safetensors")
     assert expected.keys() == actual.keys()
     different = [k for k in expected if not torch.equal(expected[k], actual[k])]
     assert different == []
@@ -103,6 +121,27 @@ def test_kill_and_resume_gives_bitwise_identical_weights(tmp_path, tiny_dataset)
     assert not torch.equal(
         expected["model.multi_modal_projector.linear.weight"], make_tiny_model_projector(tiny_dataset)
     )
+
+
+def test_logged_loss_is_the_mean_of_its_window_after_a_resume_and_at_an_unaligned_end(resumed_run):
+    straight_dir, killed_dir, resumed_at, _ = resumed_run
+    per_step = dict(loss_history(straight_dir))  # weights are bitwise identical, so each step's loss is too
+    assert sorted(per_step) == list(range(1, 13))
+    expected, previous = [], 0
+    for step in (5, 10, 12):  # logging every 5 steps, and at the last step
+        first = max(previous, resumed_at) if step > resumed_at else previous
+        window = [per_step[s] for s in range(first + 1, step + 1)]
+        expected.append((step, pytest.approx(sum(window) / len(window), rel=1e-6)))
+        previous = step
+    assert loss_history(killed_dir) == expected
+
+
+def test_warmup_steps_are_used_as_given(resumed_run):
+    straight_dir, _, _, stdout = resumed_run
+    scheduler = torch.load(straight_dir / "checkpoints" / "step_000004" / "scheduler.bin", weights_only=True)
+    assert scheduler["_last_lr"][0] == pytest.approx(2e-3 * 4 / 20)  # linear warmup: 4 of 20 steps
+    warning = "warning: --warmup_steps 20 >= the run's 12 optimizer steps: the learning rate never reaches its peak"
+    assert warning in stdout
 
 
 def make_tiny_model_projector(tiny_dataset):
@@ -127,6 +166,8 @@ def test_two_cpu_processes_score_each_image_once(tmp_path, tiny_dataset):
         "2",
         "--max_new_tokens",
         "8",
+        "--warmup_steps",
+        "8",
         "--output_dir",
         tmp_path / "ddp",
         cwd=tmp_path,
@@ -143,7 +184,10 @@ def test_two_cpu_processes_score_each_image_once(tmp_path, tiny_dataset):
     assert sorted(r["image_id"] for r in rows) == sorted(test_images)  # each image exactly once
     assert metrics["num_images"] == len(test_images) and metrics["step"] == 4
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_000004"]
-    assert set(train_hf.METRIC_KEYS) <= set(metrics) and len(metrics["history"]) == 1
+    assert set(METRIC_KEYS) <= set(metrics) and len(metrics["history"]) == 1
+    # with two processes too, 4 of 8 warmup steps give half the peak (accelerate steps the scheduler once per process)
+    scheduler = torch.load(tmp_path / "ddp" / "checkpoints" / "step_000004" / "scheduler.bin", weights_only=True)
+    assert scheduler["_last_lr"][0] == pytest.approx(2e-3 * 4 / 8)
 
 
 def test_lora_adapter_trains_saves_reloads_and_merges(tmp_path, tiny_config, processor):
@@ -196,7 +240,7 @@ def wrong_columns_dataset(tmp_path_factory):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--dataset", "{tmp}/missing"], "error: --dataset {tmp}/missing: no such folder."),
+        (["--dataset", "{tmp}/missing"], "error: --dataset='{tmp}/missing': no such file or folder. Check the path."),
         (
             ["--dataset", "{wrong}"],
             "error: --dataset {wrong}: split 'train' has columns ['filename', 'text'], "
@@ -205,7 +249,13 @@ def wrong_columns_dataset(tmp_path_factory):
         ),
         (
             ["--dataset", "someone/riscm"],
-            "error: --dataset someone/riscm looks like a Hub id, but HF_HUB_OFFLINE=1; pass a local folder.",
+            "error: --dataset='someone/riscm' looks like a Hub id, but HF_HUB_OFFLINE=1 forbids downloads. Download it "
+            "elsewhere and pass the local folder or file instead, or unset HF_HUB_OFFLINE.",
+        ),
+        (
+            ["--language_model", "google/gemma-2b"],
+            "error: --language_model='google/gemma-2b' looks like a Hub id, but HF_HUB_OFFLINE=1 forbids downloads. "
+            "Download it elsewhere and pass the local folder or file instead, or unset HF_HUB_OFFLINE.",
         ),
         (
             ["--resume_from_checkpoint", "{tmp}/nothing"],
@@ -222,7 +272,11 @@ def wrong_columns_dataset(tmp_path_factory):
         (["--save_adapter_only"], "error: --save_adapter_only needs LoRA: set --lora_r > 0."),
         (
             ["--config", "{tmp}/nope.json"],
-            "error: --config {tmp}/nope.json: no such file. Use one of configuration/*.json.",
+            "error: --config='{tmp}/nope.json': no such file or folder. Check the path.",
+        ),
+        (
+            ["--vision_pretrained", "weights.pth"],
+            "error: --vision_pretrained='weights.pth': no such file or folder. Check the path.",
         ),
     ],
 )
@@ -269,49 +323,14 @@ def test_config_that_does_not_match_the_checkpoint(tmp_path, tiny_dataset, capsy
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: The config's text_config does not match the checkpoint '{tmp_path / 'lm'}': hidden_size: config 128 "
         "!= checkpoint 64; num_hidden_layers: config 2 != checkpoint 1; intermediate_size: config 512 != checkpoint "
-        "128; num_attention_heads: config 4 != checkpoint 2. Use a config whose text_config is the checkpoint's "
-        "(e.g. configuration/*.json for Gemma-2B)."
+        "128; num_attention_heads: config 4 != checkpoint 2. Use a config whose text_config is the checkpoint's."
     )
 
 
-def test_position_phrases_and_accuracy():
-    assert train_hf.position_phrases("Three planes in the top left corner, one at the bottom .") == {
-        "top left",
-        "bottom",
-    }
-    assert train_hf.position_phrases("A ship in the center of the harbour") == {"centre"}
-    rows = [
-        {"prediction": "two cars on the left", "references": ["Two red cars are on the left .", "cars at left"]},
-        {"prediction": "two cars on the right", "references": ["Two red cars are in the top left corner ."]},
-        {"prediction": "a dense forest", "references": ["A dense orange forest ."]},  # no position: not counted
-    ]
-    assert train_hf.position_accuracy(rows) == (0.5, 2)
-
-
-def test_eval_only_scores_a_saved_model(tmp_path, tiny_dataset, saved_model_dir, capsys):
-    from datasets import load_from_disk
-
-    code = train_hf.main(
-        [
-            "--eval_only",
-            "--model",
-            str(saved_model_dir),
-            "--dataset",
-            str(tiny_dataset),
-            "--eval_split",
-            "validation",
-            "--max_new_tokens",
-            "6",
-            "--report_to",
-            "none",
-            "--output_dir",
-            str(tmp_path / "eval"),
-        ]
-    )
-    assert code == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    images = sorted(set(load_from_disk(str(tiny_dataset))["validation"]["image_id"]))
-    assert sorted(r["image_id"] for r in rows) == images and metrics["num_images"] == len(images)
-    assert set(train_hf.METRIC_KEYS) <= set(metrics) and metrics["split"] == "validation"
-    assert "| model" in capsys.readouterr().out
+@pytest.mark.parametrize("argv", [["--var", "tiny"], ["--variants", "tiny"], ["--max_step", "3"]])
+def test_variants_and_abbreviations_are_unknown_flags(argv, capsys):
+    """--variants lives in scripts/compare_variants.py; abbreviations would let `--var` reach a training flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_hf.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert f"error: unrecognized arguments: {' '.join(argv)}" in capsys.readouterr().err

@@ -3,7 +3,10 @@ module that loads offline by path, plus `compute_caption_metrics`, the same comp
 
 import re
 import shutil
+import subprocess
+import tempfile
 import warnings
+from pathlib import Path
 
 import datasets
 import evaluate
@@ -11,9 +14,19 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from pycocoevalcap.tokenizer import ptbtokenizer
 
 METRIC_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
+# How tables and model cards name each key
+METRIC_NAMES = {
+    "bleu_1": "BLEU-1",
+    "bleu_2": "BLEU-2",
+    "bleu_3": "BLEU-3",
+    "bleu_4": "BLEU-4",
+    "meteor": "METEOR",
+    "rouge_l": "ROUGE-L",
+    "cider": "CIDEr",
+}
 
 NO_JAVA_WARNING = (
     "caption_metrics: no `java` on PATH. BLEU, ROUGE-L and CIDEr use a pure-Python tokenizer that mimics coco-caption's "
@@ -61,6 +74,7 @@ _CITATION = """\
 # Characters Java's PTBTokenizer (-preserveLines) would take for line breaks: they would shift every later caption
 # onto the wrong image, so they become spaces like pycocoevalcap's own "\n" replacement.
 _LINE_BREAKS = re.compile("[\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+_PTB_JAR = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
 
 
 def check_inputs(predictions, references) -> None:
@@ -102,15 +116,26 @@ def java_available() -> bool:
 
 
 def ptb_tokenize(captions: dict) -> dict:
-    """pycocoevalcap's PTBTokenizer (Java) on {key: [caption, ...]}, with a clear error if Java drops captions."""
-    tokenized = PTBTokenizer().tokenize(
-        {key: [{"caption": _LINE_BREAKS.sub(" ", c)} for c in caps] for key, caps in captions.items()}
-    )
-    if [len(v) for v in tokenized.values()] != [len(v) for v in captions.values()]:
+    """coco-caption's tokenisation of {key: [caption, ...]}: pycocoevalcap's PTBTokenizer call (the same jar, flags
+    and punctuation filter), with Java's stderr captured. Java logs "PTBTokenizer tokenized N tokens at ..." there on
+    every call, which stays out of the user's terminal; when Java fails, the error shows it."""
+    keys = [key for key, caps in captions.items() for _ in caps]
+    text = "\n".join(_LINE_BREAKS.sub(" ", c).replace("\n", " ") for caps in captions.values() for c in caps)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "captions.txt").write_bytes(text.encode())
+        command = ["java", "-cp", str(_PTB_JAR), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines"]
+        java = subprocess.run([*command, "-lowerCase", "captions.txt"], cwd=folder, capture_output=True)
+    lines = java.stdout.decode().split("\n")
+    if java.returncode or len(lines) < len(keys):
         raise RuntimeError(
-            f"Java's PTBTokenizer returned {sum(len(v) for v in tokenized.values())} of "
-            f"{sum(len(v) for v in captions.values())} captions; check that `java -version` runs (Java 8 or later)."
+            f"Java's PTBTokenizer failed (exit code {java.returncode}, {len(lines)} lines for {len(keys)} captions); "
+            "check that `java -version` runs (Java 8 or later). Its stderr: "
+            f"{java.stderr.decode(errors='replace').strip()[-2000:]}"
         )
+    tokenized = {}
+    for key, line in zip(keys, lines):
+        words = [word for word in line.rstrip().split(" ") if word not in ptbtokenizer.PUNCTUATIONS]
+        tokenized.setdefault(key, []).append(" ".join(words))
     return tokenized
 
 
