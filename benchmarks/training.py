@@ -53,7 +53,7 @@ def _set_policy(model, policy: str):
             param.requires_grad_("lora_" in name)
     model.train()
     if not vision_trains:
-        model.model.vision_tower.eval()  # a frozen BatchNorm must not update its statistics (shared/NOTES.md)
+        model.model.vision_tower.eval()  # a frozen BatchNorm would still update its running statistics in train mode
     return [p for p in model.parameters() if p.requires_grad]
 
 

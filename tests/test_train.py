@@ -39,7 +39,7 @@ def run_train(*args, cwd, processes: int = 1, wait: bool = True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     if processes == 1:
         command = [sys.executable, str(REPO_ROOT / "train_hf.py")]
-    else:  # shared/NOTES.md: on a CPU-only machine only --multi_gpu starts two processes (gloo)
+    else:  # on a CPU-only machine only --multi_gpu starts two processes (gloo); --cpu starts one
         command = [
             sys.executable,
             "-m",
