@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-TOKEN_MODES = ("single", "multi")
+TOKEN_MODES = ("single", "multi", "grid")
 PROJECTOR_TYPES = ("linear", "mlp")
 TEXT_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -52,7 +52,9 @@ class CNNGemmaConfig(PreTrainedConfig):
         vision_model_name (`str`): timm architecture of the encoder, e.g. `"mobilenetv3_large_100"`.
         image_size (`int`): square input size in pixels.
         token_mode (`str`): `"single"` feeds the globally pooled final feature map as 1 image token, `"multi"` feeds
-            every position of the final map (H*W tokens, 49 at 224 px for the stride-32 encoders).
+            every position of the final map (H*W tokens, 49 at 224 px for the stride-32 encoders), `"grid"` pools
+            the map to `token_grid` x `token_grid` cells (adaptive average pooling) and feeds one token per cell.
+        token_grid (`int`, *optional*): the side k of the grid in `"grid"` mode, 1 <= k <= the map's side.
         text_config (`dict` or `PreTrainedConfig`): a Gemma-family causal LM config (`gemma`, `gemma2`,
             `gemma3_text`). Defaults to the Gemma-2B shape used by PaliGemma-3B. Pad, bos and eos ids live here.
         projector_type (`str`): `"linear"` (one Linear) or `"mlp"` (Linear-GELU-Linear).
@@ -87,6 +89,7 @@ class CNNGemmaConfig(PreTrainedConfig):
     vision_model_name: str = "mobilenetv3_large_100"
     image_size: int = 224
     token_mode: str = "single"
+    token_grid: int | None = None
     text_config: dict | PreTrainedConfig | None = None
     projector_type: str = "linear"
     image_token_id: int = PALIGEMMA_IMAGE_TOKEN_ID
@@ -102,13 +105,32 @@ class CNNGemmaConfig(PreTrainedConfig):
         self.validate_architecture()
         self.vision_feature_dim, height, width = probe_vision_tower(self.vision_model_name, self.image_size)
         self.vision_grid = [height, width]
-        self.num_image_tokens = 1 if self.token_mode == "single" else height * width
+        if self.token_mode == "grid" and self.token_grid > min(height, width):
+            raise ValueError(
+                f"token_grid={self.token_grid} is larger than the {height}x{width} final feature map of "
+                f"{self.vision_model_name!r} at image_size={self.image_size}; expected 1 <= token_grid <= "
+                f"{min(height, width)}, or token_mode='multi' for every position."
+            )
+        tokens = {"single": 1, "multi": height * width, "grid": (self.token_grid or 0) ** 2}
+        self.num_image_tokens = tokens[self.token_mode]
 
     def validate_architecture(self):
         """Raises a ValueError naming the field, the value and what is allowed (transformers' hook name)."""
         for name, allowed in (("token_mode", TOKEN_MODES), ("projector_type", PROJECTOR_TYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; expected one of {allowed}.")
+        if self.token_mode == "grid" and (
+            not isinstance(self.token_grid, int) or isinstance(self.token_grid, bool) or self.token_grid < 1
+        ):
+            raise ValueError(
+                f"token_grid={self.token_grid!r} must be a positive int with token_mode='grid': the side k of the "
+                "k x k grid of pooled image tokens."
+            )
+        if self.token_mode != "grid" and self.token_grid is not None:
+            raise ValueError(
+                f"token_grid={self.token_grid!r} is only read with token_mode='grid', not {self.token_mode!r}. Set "
+                "token_mode='grid' or leave token_grid out."
+            )
         if self.text_config.model_type not in TEXT_MODEL_TYPES:
             raise ValueError(
                 f"text_config.model_type={self.text_config.model_type!r} is not supported; expected a Gemma-family "

@@ -131,10 +131,9 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
         memory_format = torch.channels_last if self.config.vision_channels_last else torch.contiguous_format
         dtype = next(self.vision_tower.parameters()).dtype
         feature_map = self.vision_tower.forward_features(pixel_values.to(dtype=dtype, memory_format=memory_format))
-        if self.config.token_mode == "single":
-            features = feature_map.mean(dim=(2, 3)).unsqueeze(1)  # (B, C, H, W) -> (B, 1, C)
-        else:
-            features = feature_map.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        if self.config.token_mode != "multi":  # "single" is the 1x1 grid
+            feature_map = nn.functional.adaptive_avg_pool2d(feature_map, self.config.token_grid or 1)
+        features = feature_map.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C); H = W = k when pooled
         return self.multi_modal_projector(features)
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.BoolTensor:
