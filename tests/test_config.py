@@ -74,7 +74,10 @@ def test_default_text_config_is_paligemma_gemma_2b():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"token_mode": "pooled"}, "token_mode='pooled' is not supported; expected one of ('single', 'multi')."),
+        (
+            {"token_mode": "pooled"},
+            "token_mode='pooled' is not supported; expected one of ('single', 'multi', 'grid').",
+        ),
         (
             {"projector_type": "qformer"},
             "projector_type='qformer' is not supported; expected one of ('linear', 'mlp').",
