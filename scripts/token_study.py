@@ -274,7 +274,7 @@ def plot(path: Path, runs: list[dict], speed: dict[int, dict], metrics: tuple[st
         ax.set(xscale="log", xlabel="image tokens", title=metric)
     speed_axis = axes[-1]
     speed_axis.plot([k * k for k in speed], [s["median"] for s in speed.values()], "o-")
-    speed_axis.set(xscale="log", xlabel="image tokens", title="captions/s")
+    speed_axis.set(xscale="log", xlabel="image tokens", title="captions/s", ylim=(0, None))
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
