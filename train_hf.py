@@ -2,6 +2,7 @@
 at the end with metrics/evaluation.py (baselines, table, sample captions).
 
     python train_hf.py                      # CPU demo: synthetic aerial set, tiny config, learns in minutes
+    python train_hf.py --model outputs/cnngemma-demo --dataset data/mine --output_dir outputs/mine   # fine-tune it
     accelerate launch train_hf.py --config configuration/mobilenet_single.json --dataset data/riscm \\
         --language_model google/paligemma-3b-pt-224 --vision_pretrained imagenet
 """
@@ -24,7 +25,7 @@ from matplotlib.figure import Figure
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from metrics import evaluation
 from metrics.caption_metrics import METRIC_KEYS
@@ -32,12 +33,15 @@ from metrics.evaluation import UsageError
 from modeling_cnngemma import (
     CNNGemmaConfig,
     CNNGemmaForConditionalGeneration,
+    CNNGemmaImageProcessor,
     CNNGemmaProcessor,
     build_caption_tokenizer,
     check_source,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent
+# Each of these builds a new model; a --model folder brings its own weights, config, tokenizer and processor instead.
+NEW_MODEL_FLAGS = ("config", "text_config", "language_model", "vision_pretrained", "tokenizer")
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -47,32 +51,27 @@ def parse_args(argv=None):
     )
     data = parser.add_argument_group("data and model")
     data.add_argument(
-        "--config",
-        default=str(REPO_ROOT / "configuration" / "tiny.json"),
-        help="A configuration/*.json file (model shape). Default: the CPU demo's tiny.json.",
+        "--model", help="Fine-tune a trained CNNGemma (folder or Hub id) with its own config, tokenizer and processor."
     )
+    data.add_argument("--config", help="A configuration/*.json file (model shape). Default: the CPU demo's tiny.json.")
     data.add_argument(
         "--dataset",
-        default=None,
         help="A dataset_builder output folder or a Hub dataset id. Default: build (or reuse) the "
         f"synthetic aerial set in {evaluation.DEMO_DATA.relative_to(REPO_ROOT)}/.",
     )
     data.add_argument("--synth_images", type=int, default=2000, help="Images in the default synthetic set.")
     data.add_argument(
         "--language_model",
-        default=None,
         help="Gemma or PaliGemma checkpoint (folder or Hub id) for the decoder and tokenizer. "
         "Default: a randomly initialised decoder and a BPE tokenizer trained on the captions.",
     )
     data.add_argument(
         "--vision_pretrained",
-        default=None,
         help="'imagenet' for timm's ImageNet weights (Hub), or a weights file. Default: timm init.",
     )
-    data.add_argument("--tokenizer", default=None, help="Tokenizer folder to use with a random decoder.")
+    data.add_argument("--tokenizer", help="Tokenizer folder to use with a random decoder.")
     data.add_argument(
         "--text_config",
-        default=None,
         help="Take text_config and image_token_id from this configuration/*.json instead (e.g. a "
         "full variant's real encoder with tiny.json's decoder for CPU comparisons).",
     )
@@ -87,16 +86,14 @@ def parse_args(argv=None):
     train.add_argument(
         "--train_language_model",
         action="store_true",
-        help="Fully train a pretrained decoder (frozen by default, as in the report). A randomly "
-        "initialised decoder always trains.",
+        help="Fully train a --language_model decoder (frozen by default, as in the report). A random decoder "
+        "always trains, and so does a --model decoder: this project trained it on captions.",
     )
     train.add_argument("--lora_r", type=int, default=0, help="LoRA rank on the decoder (0 = no LoRA).")
     train.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha.")
     train.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
     train.add_argument(
-        "--lora_target_modules",
-        default=DEFAULT_LORA_TARGETS,
-        help="Regex of the decoder modules that get LoRA adapters.",
+        "--lora_target_modules", default=DEFAULT_LORA_TARGETS, help="Regex of the decoder modules to adapt with LoRA."
     )
     train.add_argument(
         "--save_adapter_only",
@@ -106,11 +103,9 @@ def parse_args(argv=None):
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning_rate", type=float, default=2e-3, help="Peak learning rate for every part.")
-    optim.add_argument(
-        "--vision_lr", type=float, default=None, help="Learning rate of the CNN (default: --learning_rate)."
-    )
-    optim.add_argument("--projector_lr", type=float, default=None, help="Learning rate of the projector.")
-    optim.add_argument("--language_model_lr", type=float, default=None, help="Learning rate of the decoder / LoRA.")
+    optim.add_argument("--vision_lr", type=float, help="Learning rate of the CNN (default: --learning_rate).")
+    optim.add_argument("--projector_lr", type=float, help="Learning rate of the projector.")
+    optim.add_argument("--language_model_lr", type=float, help="Learning rate of the decoder / LoRA.")
     optim.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay.")
     optim.add_argument(
         "--warmup_steps", type=int, default=100, help="Optimizer steps of linear warmup before the cosine decay."
@@ -133,13 +128,13 @@ def parse_args(argv=None):
         "--no_eval", action="store_true", help="Skip every evaluation (smoke tests, timing runs): no metrics.json."
     )
     scoring.add_argument(
-        "--skip_baselines", action="store_true", help="Do not score the untrained model and the image-blind baseline."
+        "--skip_baselines", action="store_true", help="Do not score the starting model and the image-blind baseline."
     )
 
     state = parser.add_argument_group("checkpoints and logging")
     state.add_argument("--checkpointing_steps", type=int, default=0, help="save_state every N steps (0: never).")
     state.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last K checkpoints.")
-    state.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    state.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
     state.add_argument(
         "--report_to",
         default="tensorboard",
@@ -180,8 +175,20 @@ def check_flags(args):
     evaluation.check_ranges(args, rules)
     if args.save_adapter_only and args.lora_r == 0:
         raise UsageError("--save_adapter_only needs LoRA: set --lora_r > 0.")
+    for name in NEW_MODEL_FLAGS if args.model else ():
+        if getattr(args, name) is not None:
+            raise UsageError(
+                f"--{name} cannot be combined with --model: the --model folder brings its own weights, config, "
+                f"tokenizer and processor. Drop --{name}, or drop --model to build a new model."
+            )
+    if args.model and Path(args.model).resolve() == Path(args.output_dir).resolve():
+        raise UsageError(
+            f"--output_dir {args.output_dir} is the --model folder: the fine-tune would overwrite the model it starts "
+            "from. Pass another --output_dir."
+        )
     vision_file = None if args.vision_pretrained in (None, "imagenet") else args.vision_pretrained
     sources = [
+        ("--model", args.model, False),
         ("--config", args.config, True),
         ("--text_config", args.text_config, True),
         ("--vision_pretrained", vision_file, True),
@@ -250,8 +257,9 @@ def training_function(args):
     scorer = evaluation.CaptionScorer() if accelerator.is_main_process and not args.no_eval else None
     results = {}
     if not (args.skip_baselines or args.no_eval) and resume is None:
+        first = "starting model" if args.model else "untrained model"  # --model: the loaded model before training
         results = evaluation.score_baselines(
-            accelerator, model, processor, scorer, train_pairs["caption"], val, test, args, test_split
+            accelerator, model, processor, scorer, train_pairs["caption"], val, test, args, test_split, first
         )
 
     config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
@@ -317,13 +325,8 @@ def training_function(args):
                 )
                 log(f"step {global_step}: {val_split} CIDEr {result.get('cider', float('nan')):.3f}")
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                state = {
-                    "global_step": global_step,
-                    "epoch": epoch,
-                    "batches_in_epoch": batches_in_epoch,
-                    "history": history,
-                    "loss_history": loss_history,
-                }
+                state = dict(global_step=global_step, epoch=epoch, batches_in_epoch=batches_in_epoch, history=history)
+                state["loss_history"] = loss_history
                 if batches_in_epoch == len(train_loader):
                     state.update(epoch=epoch + 1, batches_in_epoch=0)
                 save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit)
@@ -352,7 +355,7 @@ def training_function(args):
     )
     if accelerator.is_main_process:
         evaluation.write_outputs(output_dir, {**final, "history": history, "baselines": results}, rows, test[0])
-        evaluation.report({**results, "trained model": final}, rows, test_split)
+        evaluation.report({**results, "fine-tuned model" if args.model else "trained model": final}, rows, test_split)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -375,7 +378,16 @@ def make_accelerator(args) -> Accelerator:
 
 
 def build_model_and_processor(args, train_captions):
-    config = CNNGemmaConfig.from_json_file(args.config)
+    if args.model:  # this repository's classes, not the folder's remote code: the code that trains is the code saved
+        try:  # float32 master weights whatever the saved dtype (--mixed_precision autocasts)
+            model = CNNGemmaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+            image_processor = CNNGemmaImageProcessor.from_pretrained(args.model)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(args.model)  # AutoTokenizer asks to run remote code
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--model {args.model}: {error}") from error
+        prefix = model.config.prompt_prefix
+        return model, CNNGemmaProcessor(image_processor, tokenizer, model.config.num_image_tokens, prefix)
+    config = CNNGemmaConfig.from_json_file(args.config or REPO_ROOT / "configuration" / "tiny.json")
     if args.text_config:
         donor = CNNGemmaConfig.from_json_file(args.text_config)
         config = CNNGemmaConfig.from_dict(
@@ -422,21 +434,13 @@ def apply_training_policy(model, args):
 
 
 def param_groups(model, args):
-    groups = {"vision_tower": [], "multi_modal_projector": [], "language_model": []}
+    lrs = {"vision_tower": args.vision_lr, "multi_modal_projector": args.projector_lr}
+    groups = {}
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            part = next((p for p in ("vision_tower", "multi_modal_projector") if p in name), "language_model")
-            groups[part].append(param)
-    lrs = {
-        "vision_tower": args.vision_lr,
-        "multi_modal_projector": args.projector_lr,
-        "language_model": args.language_model_lr,
-    }
-    return [
-        {"params": params, "lr": lrs[part] or args.learning_rate, "name": part}
-        for part, params in groups.items()
-        if params
-    ]
+        if param.requires_grad:  # outside the CNN and the projector: the decoder or its LoRA adapters
+            groups.setdefault(next((part for part in lrs if part in name), "language_model"), []).append(param)
+    lrs["language_model"] = args.language_model_lr
+    return [{"params": params, "lr": lrs[part] or args.learning_rate, "name": part} for part, params in groups.items()]
 
 
 def count_parameters(model) -> dict:

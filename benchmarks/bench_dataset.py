@@ -1,5 +1,6 @@
-"""Benchmark of dataset_builder: captions-only build of a RISCM-sized table (44,521 images x 5 captions), the
-image build's images/s and synth's images/s. Run: python benchmarks/bench_dataset.py [--repeats N]."""
+"""Benchmark of dataset_builder: captions-only build of a RISCM-sized table (44,521 images x 5 captions), the image
+build's, synth's and image checks' images/s with the perceptual hash's share, and pairing 44,521 image hashes.
+Run: python benchmarks/bench_dataset.py [--repeats N]."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from dataset_builder.build import build  # noqa: E402
+from dataset_builder.duplicates import NEAR_DISTANCE, near_pairs, perceptual_hash  # noqa: E402
+from dataset_builder.images import check_image  # noqa: E402
 from dataset_builder.synth import synthesize  # noqa: E402
 
 
@@ -24,6 +30,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=44_521, help="images in the captions-only table")
     parser.add_argument("--image-build-images", type=int, default=1000, help="synthetic images for the image build")
     parser.add_argument("--num-workers", type=int, default=None, help="image-check processes (default: all cores)")
+    parser.add_argument("--pairing-images", type=int, default=44_521, help="random image hashes to pair")
     return parser.parse_args()
 
 
@@ -83,6 +90,23 @@ def main() -> None:
             ),
             args.image_build_images,
         )
+        files = sorted((folder / "synth" / "resized").iterdir())
+        report(
+            f"check_image, {len(files):,} synthetic 224 px JPEGs (one process, perceptual hash included)",
+            timed(lambda: [check_image(path) for path in files], args.repeats),
+            len(files),
+        )
+        decoded = [Image.open(path).convert("RGB") for path in files]
+        report(
+            f"perceptual hash alone, {len(files):,} decoded 224 px images (one process)",
+            timed(lambda: [perceptual_hash(image) for image in decoded], args.repeats),
+            len(files),
+        )
+    hashes = np.random.default_rng(0).integers(0, 2**64, size=(args.pairing_images, 4), dtype=np.uint64)
+    report(
+        f"pairing {args.pairing_images:,} random 256-bit hashes (all pairs, distance <= {NEAR_DISTANCE})",
+        timed(lambda: near_pairs(hashes, NEAR_DISTANCE), args.repeats),
+    )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     build.add_argument(
         "--num-workers", type=int, default=None, help="processes for image checks (default: all CPU cores)"
     )
+    build.add_argument(
+        "--drop-eval-duplicates",
+        action="store_true",
+        help="leave out validation and test images that are exact or near duplicates of a training image "
+        "(default: keep them; every duplicate pair is listed in problems.csv either way)",
+    )
 
     score = commands.add_parser("score", help="add a clip_score column and a CLIP screening report")
     score.add_argument("--dataset", required=True, help="a folder made by `build` (with images)")
@@ -78,6 +84,7 @@ def main(argv=None) -> int:
                 max_side=args.max_side,
                 strict=args.strict,
                 num_workers=args.num_workers,
+                drop_eval_duplicates=args.drop_eval_duplicates,
             )
             from .card import counts_table
 

@@ -1,7 +1,8 @@
 """`build`: a caption table (+ images) -> a cleaned, de-duplicated `datasets.DatasetDict` with a report.
 
 Output folder: the pair DatasetDict (save_to_disk), `csv/{train,val,test}.csv`, `grouped/` (one row per image),
-`problems.csv`, `stats.json` and the dataset card `README.md`. See the package README section for the layout.
+`problems.csv`, `duplicates.csv` (every pair of copied images), `stats.json` and the dataset card `README.md`. See
+the package README section for the layout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
+from itertools import combinations_with_replacement
 from pathlib import Path
 
 import datasets
@@ -23,10 +25,11 @@ from tqdm.auto import tqdm
 from .atomic import atomic_directory, check_replaceable
 from .card import write_card
 from .cleaning import clean_captions, reference_order
+from .duplicates import HASH_BITS, HASH_SIZE, NEAR_DISTANCE, find_duplicates
 from .images import ImageCheck, check_image
 from .tables import DATASET_SPLITS, TABLE_SPLITS, ImageRecord, read_caption_table
 
-STATS_VERSION = 1
+STATS_VERSION = 2
 COUNT_FIELDS = (
     "images",
     "captions_in",
@@ -35,6 +38,17 @@ COUNT_FIELDS = (
     "pairs_out",
     "images_dropped",
     "pairs_dropped",
+)
+DUPLICATE_COLUMNS = (
+    "image",
+    "split",
+    "row",
+    "duplicate_of",
+    "duplicate_of_split",
+    "duplicate_of_row",
+    "kind",  # exact: same stored bytes; near: perceptual hashes at most duplicates.NEAR_DISTANCE bits apart
+    "distance",  # Hamming distance of the perceptual hashes, in bits
+    "outcome",  # kept, or dropped by --drop-eval-duplicates
 )
 CHUNK = 1024  # pair rows per Arrow write when images are copied
 
@@ -68,6 +82,7 @@ class _Image:
     duplicates: int
     empties: int
     check: ImageCheck | None = None
+    duplicate_of: _Image | None = None  # the training image it copies, when dropped by --drop-eval-duplicates
 
 
 def _check_images(paths: list[Path], max_side: int, num_workers: int):
@@ -105,6 +120,63 @@ def _folder_size(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
+def _find_duplicates(entries: list[_Image], folder: Path, drop_eval: bool, problems: list) -> tuple[list, dict]:
+    """Every exact or near-duplicate pair among `entries`, as duplicates.csv rows, and the counts per split pair.
+
+    Each pair is also listed in `problems`. With `drop_eval`, validation and test images that copy a training image
+    are dropped, the row naming the earliest training image they copy.
+    """
+    # Training images first: the earlier image of a cross-split pair is then the training one. sorted() is stable,
+    # so table order holds within a split.
+    ordered = sorted(entries, key=lambda entry: TABLE_SPLITS.index(entry.record.split))
+    pairs = find_duplicates([entry.check.sha256 for entry in ordered], [entry.check.phash for entry in ordered])
+    counts = {f"{a}-{b}": {"exact": 0, "near": 0} for a, b in combinations_with_replacement(TABLE_SPLITS, 2)}
+    dropped, rows = Counter(), []
+    # Pairs come sorted by their later image, then the earlier one: an image's first pair names its earliest copy,
+    # and whether it is dropped is settled before it appears as the earlier image of a pair.
+    for pair in pairs:
+        first, second = ordered[pair.first], ordered[pair.second]
+        kind = "exact" if pair.exact else "near"
+        counts[f"{first.record.split}-{second.record.split}"][kind] += 1
+        drops = drop_eval and first.record.split == "train" and second.record.split != "train"
+        drops = drops and second.duplicate_of is None  # its first pair names its earliest training copy
+        if drops:
+            second.duplicate_of = first
+            dropped[second.record.split] += 1
+        how = "same stored bytes" if pair.exact else f"phash distance {pair.distance} of {HASH_BITS} bits"
+        dropped_row = second.duplicate_of is not None
+        outcome = "--drop-eval-duplicates (row dropped)" if dropped_row else "listed only (row kept)"
+        problems.append(
+            (
+                str(folder / second.record.image),
+                second.record.line,
+                f"{kind} duplicate of {first.record.split} image {first.record.image} (line {first.record.line}, "
+                f"{how}): {outcome}",
+            )
+        )
+        rows.append(
+            (
+                second.record.image,
+                second.record.split,
+                second.record.line,
+                first.record.image,
+                first.record.split,
+                first.record.line,
+                kind,
+                pair.distance,
+                "kept" if second.duplicate_of is None else "dropped",
+            )
+        )
+    stats = {
+        "hash": f"imagehash.phash(hash_size={HASH_SIZE}), {HASH_BITS} bits",
+        "near_distance": NEAR_DISTANCE,
+        "pairs": counts,
+        "drop_eval_duplicates": drop_eval,
+        "images_dropped": {split: dropped[split] for split in TABLE_SPLITS[1:]},
+    }
+    return rows, stats
+
+
 def build(
     captions: str | Path,
     output: str | Path,
@@ -114,9 +186,19 @@ def build(
     max_side: int = 1024,
     strict: bool = False,
     num_workers: int | None = None,
+    drop_eval_duplicates: bool = False,
 ) -> dict:
-    """Build the dataset; `images=None` means captions only. Returns the stats written to `stats.json`."""
+    """Build the dataset; `images=None` means captions only. Returns the stats written to `stats.json`.
+
+    Duplicate images are always listed; `drop_eval_duplicates` also leaves out validation and test images that are
+    exact or near copies of a training image, so that evaluation does not score pictures the model trained on.
+    """
     output = Path(output)
+    if drop_eval_duplicates and images is None:
+        raise ValueError(
+            "--drop-eval-duplicates needs the images, but the build is captions only. Expected --images FOLDER. "
+            "Fix: pass --images, or leave out --drop-eval-duplicates."
+        )
     check_replaceable(output)
     table = read_caption_table(captions, split=split, source=source)
     if images is not None and not Path(images).is_dir():
@@ -173,6 +255,11 @@ def build(
                     f"no captions: all {len(entry.record.captions)} captions are empty (row dropped)",
                 )
             )
+    duplicates, duplicate_rows = None, []
+    if images is not None:
+        # Only images that reach the output can leak between splits; broken or caption-less ones are already out.
+        usable = [entry for entry in entries if entry.check.data is not None and entry.kept]
+        duplicate_rows, duplicates = _find_duplicates(usable, Path(images), drop_eval_duplicates, problems)
 
     counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
     by_split: dict[str, list[_Image]] = {name: [] for name in TABLE_SPLITS}
@@ -182,7 +269,7 @@ def build(
         count["captions_in"] += len(entry.record.captions)
         count["duplicates_removed"] += entry.duplicates
         count["empties_removed"] += entry.empties
-        if entry.check is not None and entry.check.data is None or not entry.kept:
+        if entry.check is not None and entry.check.data is None or not entry.kept or entry.duplicate_of is not None:
             count["images_dropped"] += 1
             count["pairs_dropped"] += len(entry.kept)
             continue
@@ -190,7 +277,7 @@ def build(
         by_split[entry.record.split].append(entry)
 
     digest = hashlib.sha256(Path(captions).read_bytes())
-    digest.update(json.dumps([images is not None, max_side, split, source]).encode())
+    digest.update(json.dumps([images is not None, max_side, split, source, drop_eval_duplicates]).encode())
     for entry in entries:
         if entry.check is not None and entry.check.sha256:
             digest.update(entry.check.sha256.encode())
@@ -266,6 +353,8 @@ def build(
             leftover.unlink()
         scratch.rmdir()
         _write_csv(work / "problems.csv", [("path", "row", "reason")] + problems)
+        if images is not None:
+            _write_csv(work / "duplicates.csv", [DUPLICATE_COLUMNS] + duplicate_rows)
         stats = {
             "builder": f"dataset_builder/{STATS_VERSION}",
             "captions_file": Path(captions).name,
@@ -282,6 +371,7 @@ def build(
                 for key in sorted(counts, key=lambda key: (TABLE_SPLITS.index(key[0]), key[1]))
             ],
             "image_checks": dict(sorted(image_checks.items())),
+            "duplicates": duplicates,
             "problems": len(problems),
             "size_bytes": {
                 "pairs": sum(_folder_size(work / name) for name in DATASET_SPLITS.values() if (work / name).is_dir()),

@@ -32,6 +32,15 @@ def counts_table(counts: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def duplicates_rows(duplicates: dict | None) -> str:
+    """Markdown table rows of exact and near-duplicate image pairs per split pair ("" for a captions-only build)."""
+    if not duplicates:
+        return ""
+    return "\n".join(
+        f"| {splits} | {count['exact']:,} | {count['near']:,} |" for splits, count in duplicates["pairs"].items()
+    )
+
+
 def dataset_card(stats: dict) -> DatasetCard:
     data = DatasetCardData(
         pretty_name="Remote-sensing image captions (cleaned)",
@@ -52,6 +61,8 @@ def dataset_card(stats: dict) -> DatasetCard:
         counts_table=counts_table(stats["counts"]),
         image_checks_rows="\n".join(f"| {kind} | {count:,} |" for kind, count in checks) or "| none | 0 |",
         sizes={part: _size(size) for part, size in stats["size_bytes"].items()},
+        duplicates=stats.get("duplicates"),
+        duplicates_rows=duplicates_rows(stats.get("duplicates")),
         clip_score=stats.get("clip_score"),
     )
 

@@ -1,7 +1,8 @@
-"""Image checks for the build: find broken files, convert every image to 8-bit RGB and cap its size.
+"""Image checks for the build: find broken files, convert every image to 8-bit RGB, cap its size and hash it.
 
 `check_image` is a pure function of a file and `max_side`, so it runs in worker processes. Well-formed RGB JPEG/PNG
-files within the size cap are stored byte for byte; everything else is decoded, converted and re-encoded.
+files within the size cap are stored byte for byte; everything else is decoded, converted and re-encoded. Each kept
+image gets the sha256 of its stored bytes and a perceptual hash (`duplicates.perceptual_hash`) of the decoded picture.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .duplicates import perceptual_hash
 
 KEPT_FORMATS = ("JPEG", "PNG")
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -29,7 +32,8 @@ class ImageCheck:
     converted_from: str | None = None  # "mode CMYK", "TIFF uint16 48x64x5": what was converted to RGB
     downscaled_from: tuple[int, int] | None = None
     size: tuple[int, int] | None = None
-    sha256: str | None = None
+    sha256: str | None = None  # of the stored bytes
+    phash: str | None = None  # perceptual hash of the stored picture, to find near-duplicate images
 
 
 def _stretch(array: np.ndarray) -> np.ndarray:
@@ -142,5 +146,12 @@ def check_image(path: str | Path, max_side: int = 1024) -> ImageCheck:
             image.save(buffer, "PNG")
         stored = buffer.getvalue()
     return ImageCheck(
-        stored, None, None, converted_from, downscaled_from, image.size, hashlib.sha256(stored).hexdigest()
+        stored,
+        None,
+        None,
+        converted_from,
+        downscaled_from,
+        image.size,
+        hashlib.sha256(stored).hexdigest(),
+        perceptual_hash(image),
     )

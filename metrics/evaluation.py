@@ -196,10 +196,13 @@ def evaluate_split(accelerator, model, processor, scorer, grouped, args, step: i
     return result, rows
 
 
-def score_baselines(accelerator, model, processor, scorer, train_captions, val, test, args, split: str) -> dict:
-    """The untrained model's scores on the test split, and the image-blind baseline's (main process only)."""
-    untrained, _ = evaluate_split(accelerator, model, processor, scorer, test, args, 0, split)
-    results = {"untrained model": untrained}
+def score_baselines(
+    accelerator, model, processor, scorer, train_captions, val, test, args, split: str, name: str = "untrained model"
+) -> dict:
+    """The scores on the test split of the model before training (`name`), and the image-blind baseline's (main
+    process only)."""
+    start, _ = evaluate_split(accelerator, model, processor, scorer, test, args, 0, split)
+    results = {name: start}
     if accelerator.is_main_process:
         constant = best_constant_caption(train_captions, val[1])
         results["image-blind baseline"] = {

@@ -138,11 +138,19 @@ def image_fixture(tmp_path_factory):
     return folder
 
 
+def _read_pairs(folder: Path) -> list[dict]:
+    with open(folder / "duplicates.csv", encoding="utf-8", newline="") as file:
+        return list(csv.DictReader(file))
+
+
 def test_bad_images_are_listed_converted_and_never_lose_valid_rows(tmp_path, image_fixture):
     stats = build(image_fixture / "captions.csv", tmp_path / "out", images=image_fixture / "images", num_workers=2)
     with open(tmp_path / "out" / "problems.csv", encoding="utf-8", newline="") as file:
-        problems = {Path(row["path"]).name: row["reason"] for row in csv.DictReader(file)}
+        rows = list(csv.DictReader(file))
+    # the fixture's images are copies of one picture: the duplicate pairs are listed too (tests/test_duplicates.py)
+    problems = {Path(row["path"]).name: row["reason"] for row in rows if " duplicate of " not in row["reason"]}
     assert problems == {**bad_inputs.BROKEN_IMAGES, **bad_inputs.CONVERTED_IMAGES}
+    assert sum(" duplicate of " in row["reason"] for row in rows) == len(_read_pairs(tmp_path / "out"))
     assert stats["image_checks"]["downscaled"] == 1
     assert {
         k: v for k, v in stats["image_checks"].items() if k in ("missing", "zero-byte", "unreadable", "truncated")
