@@ -135,6 +135,7 @@ class PhaseTimer:
 
 
 def read_image(path: str) -> Image.Image:
+    """Pillow's reading, for a model saved before its image processor had `load_image`."""
     with Image.open(path) as image:
         image.load()  # decodes now, so that a truncated file fails here and not inside the processor
         return image.copy()  # in its own mode: the processor converts it to RGB as in training
@@ -146,6 +147,9 @@ class Captioner:
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
         self.timer = PhaseTimer(model)
+        # The model's own decoder (EXIF orientation, 16-bit stretch, multi-band TIFFs), as its training data were
+        # decoded; a model on the Hub from before it existed falls back to Pillow, which misses those cases.
+        self.read_image = getattr(processor.image_processor, "load_image", read_image)
 
     def generate(self, image: Image.Image, num_beams: int, max_new_tokens: int) -> tuple[str, dict]:
         """The caption of one image and the {vision, prefill, decode} seconds it took."""
@@ -167,7 +171,7 @@ class Captioner:
         for path in paths:
             name = Path(path).name
             try:
-                image = read_image(path)
+                image = self.read_image(path)
             except Exception as error:  # Pillow raises several types for bad files; each is reported, none stops us
                 detail = str(error).replace(str(path), name)  # the server's temporary path means nothing to the user
                 problems.append(

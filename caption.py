@@ -3,6 +3,8 @@
     python caption.py --model outputs/cnngemma-demo image1.jpg folder/ --format jsonl
 
 Unreadable images get an error line naming the file; the rest are captioned and the exit code is 1 at the end.
+Folders are searched for image files; other files there are skipped and counted. Images are decoded by
+`load_image`, as in training.
 """
 
 import argparse
@@ -10,13 +12,24 @@ import json
 import sys
 from pathlib import Path
 
-from modeling_cnngemma import check_source
+from modeling_cnngemma import check_source, load_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+MODEL_FOLDER = "a folder written by train_hf.py or save_pretrained"
+
+
+class ModelError(Exception):
+    """The model cannot be used; the message is one line saying what to pass instead."""
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Caption aerial images with a CNNGemma model.")
+    parser = argparse.ArgumentParser(prog="caption.py", description="Caption aerial images with a CNNGemma model.")
     parser.add_argument("inputs", nargs="+", help="Image files and/or folders (searched recursively for images).")
     parser.add_argument(
         "--model", required=True, help="A folder written by train_hf.py / save_pretrained, or a Hub id."
@@ -37,51 +50,140 @@ def parse_args(argv=None):
     return args
 
 
-def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Image paths in the given order (folders sorted, recursive) and error lines for inputs that do not exist."""
-    paths, errors = [], []
+def auto_map_modules(data: dict) -> list[str]:
+    """The module files that a config's auto_map entries name (`processor_config.json` nests a second map)."""
+    names = []
+    for auto_map in (data.get("auto_map") or {}, (data.get("image_processor") or {}).get("auto_map") or {}):
+        for reference in auto_map.values():
+            for item in reference if isinstance(reference, list) else [reference]:  # AutoTokenizer: [slow, fast]
+                # "owner/repo--module.Class" lives in another Hub repository, not in this folder
+                if item and "--" not in item:
+                    names.append(f"{item.rsplit('.', 1)[0]}.py")
+    return names
+
+
+def check_model_folder(model: str) -> None:
+    """Names every file that `from_pretrained` would miss, before it fails with a message about Hub ids or
+    sentencepiece."""
+    folder = Path(model)
+    if folder.is_file():
+        raise ModelError(
+            f"--model {model} is a file; pass the folder that holds config.json (e.g. --model {folder.parent})."
+        )
+    if not (folder / "config.json").is_file():
+        nested = sorted(path.parent for path in folder.glob("*/config.json"))
+        hint = f" It has one in {nested[0]}: pass that folder." if nested else ""
+        raise ModelError(f"--model {model}: no config.json. Expected {MODEL_FOLDER}.{hint}")
+    configs = {}
+    for name in ("config.json", "processor_config.json"):
+        try:
+            configs[name] = (
+                json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).is_file() else {}
+            )
+        except (ValueError, OSError) as error:
+            raise ModelError(f"--model {model}: {name} is not readable JSON ({error}). Re-save the model.") from None
+    missing = [] if any((folder / name).is_file() for name in WEIGHT_FILES) else ["the weights (model.safetensors)"]
+    missing += [name for name in ("tokenizer_config.json", "processor_config.json") if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        missing.append("tokenizer.json")
+    modules = auto_map_modules(configs["config.json"]) + auto_map_modules(configs["processor_config.json"])
+    missing += [name for name in dict.fromkeys(modules) if not (folder / name).is_file()]
+    if missing:
+        adapter = " It holds a LoRA adapter: merge it first (push_to_hub.py --merge_lora --dry_run DIR)."
+        raise ModelError(
+            f"--model {model}: missing {', '.join(missing)}. Expected {MODEL_FOLDER}; re-save it, or copy the "
+            f"missing files from the training output.{adapter if (folder / 'adapter_config.json').is_file() else ''}"
+        )
+
+
+def collect_images(inputs: list[str]) -> tuple[list[Path], list[str], list[Path]]:
+    """Image paths in the given order (folders sorted, recursive), error lines for inputs that do not exist or
+    folders without images, and the non-image files skipped in folders."""
+    paths, errors, skipped = [], [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            files = sorted(p for p in item.rglob("*") if p.is_file())
+            images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            if not images:
+                found = f"only {len(files)} other file(s)" if files else "it is empty"
+                errors.append(
+                    f"error: {item}: no images in this folder ({found}). Expected files ending in "
+                    f"{', '.join(sorted(IMAGE_SUFFIXES))}; pass a folder that holds images."
+                )
+            paths.extend(images)
+            skipped.extend(p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
         elif item.is_file():
             paths.append(item)
         else:
             errors.append(f"error: {item}: no such file or folder")
-    return paths, errors
+    return paths, errors, skipped
 
 
 def load(model_name: str, revision: str | None, device: str):
+    """The model on `device` and its processor; any failure is one ModelError line."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(model_name, revision=revision, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(model_name, revision=revision, trust_remote_code=True)
-    return model.to(device).eval(), processor
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_name, revision=revision, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(model_name, revision=revision, trust_remote_code=True)
+    except Exception as error:  # transformers, safetensors, the network and remote code raise many types
+        fix = (
+            f"Expected {MODEL_FOLDER}; re-save it"
+            if Path(model_name).exists()
+            else "Check the Hub id, --revision and network access, or pass a local model folder"
+        )
+        raise ModelError(
+            f"--model {model_name}: cannot load it ({type(error).__name__}: {first_line(error)}). {fix}."
+        ) from None
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError, ValueError) as error:  # torch: unknown device, or no CUDA in this build
+        raise ModelError(
+            f"--device {device}: cannot use it ({type(error).__name__}: {first_line(error)}). Pass cpu, or cuda:N "
+            "for a GPU that torch sees."
+        ) from None
+    return model.eval(), processor
 
 
-def open_image(path: Path):
-    from PIL import Image
+def first_line(error: Exception, limit: int = 300) -> str:
+    text = (str(error).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    with Image.open(path) as image:
-        image.load()
-        return image.copy()
+
+def summary(failed: int, captioned: int, skipped: list[Path]) -> str:
+    parts = [f"{failed} input(s) failed"] if failed else []
+    parts.append(f"{captioned} captioned")
+    if skipped:
+        suffixes = sorted({path.suffix.lower() or path.name for path in skipped})
+        parts.append(f"{len(skipped)} non-image file(s) skipped ({', '.join(suffixes)})")
+    return "; ".join(parts) + "."
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_source(args.model, "--model")
-    except OSError as error:
+        if Path(args.model).exists():
+            check_model_folder(args.model)
+    except (OSError, ModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    paths, errors, skipped = collect_images(args.inputs)
+    for line in errors:
+        print(line, file=sys.stderr)
+    if not paths:
+        print(summary(len(errors), 0, skipped), file=sys.stderr)
+        return 1
+
     import torch
     from tqdm.auto import tqdm
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    paths, errors = collect_images(args.inputs)
-    for line in errors:
-        print(line, file=sys.stderr)
-    model, processor = load(args.model, args.revision, device)
+    try:
+        model, processor = load(args.model, args.revision, device)
+    except ModelError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     show_progress = any(Path(item).is_dir() for item in args.inputs)
     captioned = 0
     progress = tqdm(total=len(paths), desc="captioning", unit="img", disable=not show_progress, file=sys.stderr)
@@ -89,11 +191,11 @@ def main(argv=None) -> int:
         images, names = [], []
         for path in paths[start : start + args.batch_size]:
             try:
-                images.append(open_image(path))
+                images.append(load_image(path))  # the training data's decoder: the same file gives the same pixels
                 names.append(path)
-            except Exception as error:  # PIL raises several types for bad files; each is reported, none stops us
-                errors.append(f"error: {path}: cannot read image ({type(error).__name__}: {error})")
-                print(errors[-1], file=sys.stderr)
+            except Exception as error:  # PIL and tifffile raise several types for bad files; none stops the rest
+                errors.append(f"error: {path}: cannot read image ({type(error).__name__}: {first_line(error)})")
+                progress.write(errors[-1], file=sys.stderr)  # above the progress bar, not through it
         if images:
             inputs = processor(images=images, text=args.prompt).to(device)
             with torch.inference_mode():
@@ -110,8 +212,8 @@ def main(argv=None) -> int:
             sys.stdout.flush()
         progress.update(len(paths[start : start + args.batch_size]))
     progress.close()
-    if errors:
-        print(f"{len(errors)} input(s) failed; {captioned} captioned.", file=sys.stderr)
+    if errors or skipped or show_progress:
+        print(summary(len(errors), captioned, skipped), file=sys.stderr)
     return 1 if errors else 0
 
 

@@ -12,16 +12,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dataset_builder.push import PushError, hub_api, hub_call, push_dataset
+from dataset_builder.push import PushError, hub_api, hub_call, push_dataset, repo_id_problem
 
 VARIANTS = ("mobilenet_single", "mobilenet_multi", "efficientnet_single", "efficientnet_multi")
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SECRET_KEY = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
+SCAN_CHUNK_SIZE = 1 << 24  # the token scan reads 16 MiB at a time: shards can be 5 GB
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="push_to_hub.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", help="A train_hf.py output folder (save_pretrained files + metrics.json).")
     parser.add_argument("--repo_id", help="The Hub model repository to push to, e.g. user/cnngemma-mobilenet-single.")
     parser.add_argument(
@@ -64,6 +64,10 @@ def parse_args(argv=None):
     parser.add_argument("--base_model", action="append", help="Hub id of a base model for the card; repeatable.")
     parser.add_argument("--datasets", action="append", help="Hub id of a training dataset for the card; repeatable.")
     args = parser.parse_args(argv)
+    for flag in ("repo_id", "dataset_repo_id", "index_repo_id", "namespace"):
+        if (value := getattr(args, flag)) is not None and (problem := repo_id_problem(value, flag != "namespace")):
+            example = "user-or-org" if flag == "namespace" else "user/cnngemma-mobilenet-single"
+            parser.error(f"--{flag} {value!r}: {problem} Expected e.g. --{flag} {example}.")
     if not (args.model_dir or args.all or args.dataset_dir):
         parser.error("nothing to push: pass --model_dir with --repo_id, --all DIR, or --dataset_dir.")
     if args.model_dir and args.all:
@@ -191,8 +195,31 @@ def read_train_args(model_dir: Path) -> dict:
     path = model_dir / "train_args.json"
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise PushError(
+            f"{path}: not valid JSON ({error}). Fix or delete it (the card then lists no flags)."
+        ) from None
+    if not isinstance(data, dict):
+        raise PushError(f"{path}: expected a JSON object of flags, got {type(data).__name__}. Fix or delete it.")
     return {key: value for key, value in data.items() if not SECRET_KEY.search(key)}
+
+
+def public_value(value):
+    """A train_args value fit for a public card: local paths (whose folders mean nothing on the Hub and can hold a
+    user name) become their last part; Hub ids and other values stay."""
+    if isinstance(value, list):
+        return [public_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: public_value(item) for key, item in value.items()}
+    if not isinstance(value, str) or not value:
+        return value
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded) or value.startswith(("./", "../")) or (os.sep in value and os.path.exists(value)):
+        name = Path(expanded).name
+        return f"{name} (local)" if name and name not in (".", "..") else "a local folder"
+    return value
 
 
 def prepare_folder(model_dir, out: Path, args, repo_id: str) -> dict:
@@ -237,7 +264,7 @@ def variant_name(config) -> str:
 
 def hub_ids(values) -> list[str]:
     """The Hub ids among `values`; local paths (which would mean nothing on the Hub) are left out."""
-    return [v for v in values if isinstance(v, str) and HUB_ID.match(v) and not os.path.exists(v)]
+    return [v for v in values if isinstance(v, str) and not repo_id_problem(v) and not os.path.exists(v)]
 
 
 def card_data(facts: dict, args):
@@ -333,8 +360,10 @@ def model_card(facts: dict, args):
         vocab_size=f"{config.text_config.vocab_size:,}",
         num_parameters=f"{facts['num_parameters']:,}",
         merged_lora=facts["merged_lora"],
-        trained_on=", ".join(f"`{name}`" for name in data.datasets or []) or "see `train_args.json`",
-        settings="\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in sorted(train_args.items())),
+        trained_on=", ".join(f"`{name}`" for name in data.datasets or []) or "a local dataset",
+        settings="\n".join(
+            f"| `{key}` | `{json.dumps(public_value(value))}` |" for key, value in sorted(train_args.items())
+        ),
         metrics=metrics,
         results_table=results_table([(variant_name(config), metrics)]),
         has_speed=any(key.endswith("_per_second") for key in metrics),
@@ -367,19 +396,50 @@ def list_folder(folder: Path, prefix: str = "") -> None:
         print(f"{path.stat().st_size:>14,}  {prefix}{path.relative_to(folder)}")
 
 
-def new_empty_dir(path) -> Path:
+def new_empty_dir(path) -> tuple[Path, Path | None]:
+    """The empty --dry_run folder, and the outermost folder this call created (None when it was there, empty)."""
     folder = Path(path)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise PushError(f"--dry_run {path}: exists and is not empty. Pass a new or empty folder; nothing was written.")
+    created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
     folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return folder, created
+
+
+def take_back(folder: Path, created: Path | None) -> None:
+    """Undoes a failed dry run: removes what this run created; a folder that was there (empty) is emptied again."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink()
+
+
+def contains(path: Path, needle: bytes, chunk_size: int | None = None) -> bool:
+    """Whether the file holds `needle`, read in chunks (a shard can be 5 GB); each chunk starts with the previous
+    one's last len(needle) - 1 bytes, so a needle that spans two chunks is found."""
+    chunk_size = max(chunk_size or SCAN_CHUNK_SIZE, len(needle))
+    tail = b""
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_size):
+            window = tail + chunk
+            if needle in window:
+                return True
+            tail = window[len(window) - len(needle) + 1 :] if len(needle) > 1 else b""
+    return False
 
 
 def upload(api, token, folder: Path, repo_id: str, args, message: str):
     # Last guard: nothing that is uploaded may contain the token (e.g. a config that recorded a `token=` kwarg).
-    for path in folder.rglob("*"):
-        if path.is_file() and token.encode() in path.read_bytes():
-            raise PushError(f"{path.name} contains the Hub token; refusing to upload. Nothing was sent.")
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and contains(path, token.encode()):
+            raise PushError(
+                f"{path.relative_to(folder)} contains the Hub token; refusing to upload. Nothing was sent. Fix: "
+                "remove the token from that file in the model folder (e.g. a saved `token=` argument) and rerun."
+            )
     hub_call(f"create_repo {repo_id}", token, api.create_repo, repo_id, private=args.private, exist_ok=True)
     if args.revision:
         hub_call(
@@ -440,7 +500,8 @@ def resolve_token(args):
     return token
 
 
-def run(args, api=None) -> None:
+def run(args, api=None, dry_root: Path | None = None) -> None:
+    """Pushes (or, with `dry_root`, writes there) what the flags name."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
@@ -451,7 +512,6 @@ def run(args, api=None) -> None:
         if api is None:
             api = hub_api(args.token, fix=", or use --dry_run DIR")
         token = resolve_token(args)
-    dry_root = new_empty_dir(args.dry_run) if args.dry_run else None
 
     if args.dataset_dir:
         print(push_dataset(api, args.dataset_dir, args.dataset_repo_id, private=args.private, token=token))
@@ -503,15 +563,35 @@ def push_models(api, token, args, jobs) -> list[tuple[str, dict]]:
     return pushed
 
 
+def describe(error: Exception, args) -> str:
+    """One line for any failure; an unexpected one names its type, and no line ever shows the token."""
+    if isinstance(error, PushError):
+        return str(error)
+    from huggingface_hub import get_token
+
+    message = (str(error).strip().splitlines() or [""])[0]
+    for secret in {args.token, get_token()} - {None, ""}:
+        message = message.replace(secret, "***")
+    done = "Nothing was sent" if args.dry_run else "Stopped here; any repository listed above was pushed"
+    return (
+        f"unexpected {type(error).__name__}: {message}. {done}. Fix: check that each folder passed (--model_dir, "
+        "--all, --dataset_dir) is a complete train_hf.py or dataset_builder output."
+    )
+
+
 def main(argv=None, api=None) -> int:
     args = parse_args(argv)
-    dry_run_was_there = bool(args.dry_run) and Path(args.dry_run).exists()
+    dry_root = created = None
     try:
-        run(args, api=api)
-    except PushError as error:
-        if args.dry_run and not dry_run_was_there:  # leave no half-written dry-run folder behind
-            shutil.rmtree(args.dry_run, ignore_errors=True)
-        print(f"push_to_hub.py: error: {error}", file=sys.stderr)
+        if args.dry_run:
+            dry_root, created = new_empty_dir(args.dry_run)
+        run(args, api=api, dry_root=dry_root)
+    except BaseException as error:
+        if dry_root is not None:  # any failure, expected or not, leaves no half-written dry-run folder behind
+            take_back(dry_root, created)
+        if not isinstance(error, Exception):
+            raise  # Ctrl-C and sys.exit keep their meaning
+        print(f"push_to_hub.py: error: {describe(error, args)}", file=sys.stderr)
         return 1
     return 0
 

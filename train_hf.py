@@ -11,9 +11,7 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,9 +25,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
+import checkpoints
 from metrics import evaluation
 from metrics.caption_metrics import METRIC_KEYS
-from metrics.evaluation import UsageError
+from metrics.evaluation import RunError, UsageError
 from modeling_cnngemma import (
     CNNGemmaConfig,
     CNNGemmaForConditionalGeneration,
@@ -80,6 +79,7 @@ def parse_args(argv=None):
         default=str(REPO_ROOT / "outputs" / "cnngemma-demo"),
         help="Where checkpoints, the final model, metrics.json and plots go.",
     )
+    data.add_argument("--max_caption_tokens", type=int, default=64, help="Cut longer training captions to N tokens.")
 
     train = parser.add_argument_group("what trains")
     train.add_argument("--freeze_vision", action="store_true", help="Freeze the CNN (kept in eval mode).")
@@ -135,6 +135,7 @@ def parse_args(argv=None):
     state.add_argument("--checkpointing_steps", type=int, default=0, help="save_state every N steps (0: never).")
     state.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last K checkpoints.")
     state.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
+    state.add_argument("--overwrite_output_dir", action="store_true", help="Delete an earlier run's checkpoints.")
     state.add_argument(
         "--report_to",
         default="tensorboard",
@@ -153,8 +154,7 @@ def check_flags(args):
         ("gradient_accumulation_steps", args.gradient_accumulation_steps >= 1, ">= 1"),
         ("num_epochs", args.num_epochs >= 1, ">= 1"),
         ("max_steps", args.max_steps >= 0, ">= 0"),
-        ("learning_rate", args.learning_rate > 0, "> 0"),
-        ("weight_decay", args.weight_decay >= 0, ">= 0"),
+        ("weight_decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0"),
         ("warmup_steps", args.warmup_steps >= 0, ">= 0"),
         ("lora_r", args.lora_r >= 0, ">= 0"),
         ("lora_alpha", args.lora_alpha >= 1, ">= 1"),
@@ -166,12 +166,12 @@ def check_flags(args):
         ("synth_images", args.synth_images >= 20, ">= 20"),
         ("logging_steps", args.logging_steps >= 1, ">= 1"),
         ("max_eval_images", args.max_eval_images >= 0, ">= 0"),
+        ("max_caption_tokens", args.max_caption_tokens >= 1, ">= 1"),
         *evaluation.generation_rules(args),
     ]
-    rules += [
-        (name, getattr(args, name) is None or getattr(args, name) > 0, "> 0")
-        for name in ("vision_lr", "projector_lr", "language_model_lr")
-    ]
+    for name in ("learning_rate", "vision_lr", "projector_lr", "language_model_lr"):
+        lr = getattr(args, name)
+        rules.append((name, lr is None or (math.isfinite(lr) and lr > 0), "a finite number > 0"))
     evaluation.check_ranges(args, rules)
     if args.save_adapter_only and args.lora_r == 0:
         raise UsageError("--save_adapter_only needs LoRA: set --lora_r > 0.")
@@ -205,19 +205,29 @@ def check_flags(args):
 
 def training_function(args):
     output_dir = Path(args.output_dir)
-    resume = resolve_resume(args)
+    resume, run_id = checkpoints.check_run_folder(args)  # before any work: paths, another run's checkpoints
     accelerator = make_accelerator(args)
     log = accelerator.print
+    if resume is not None:
+        checkpoints.check_checkpoint(resume, accelerator.num_processes)
     with accelerator.main_process_first():
         dataset = evaluation.load_caption_dataset(args.dataset, args.synth_images, args.seed)
     train_pairs = dataset["train"]
     val_split = "validation" if "validation" in dataset else "test"
     test_split = "test" if "test" in dataset else "validation"
+    if len(train_pairs) < args.batch_size * accelerator.num_processes:  # drop_last: a process would get no batch
+        raise UsageError(
+            f"--batch_size {args.batch_size} with {accelerator.num_processes} process(es) needs at least "
+            f"{args.batch_size * accelerator.num_processes} training pairs; the train split has {len(train_pairs)}. "
+            f"Pass --batch_size {max(len(train_pairs) // accelerator.num_processes, 1)} or less."
+        )
     val = evaluation.group_by_image(dataset[val_split], args.max_eval_images)
     test = evaluation.group_by_image(dataset[test_split])
 
     set_seed(args.seed)
     model, processor = build_model_and_processor(args, train_pairs["caption"])
+    positions = model.config.text_config.max_position_embeddings
+    cuts = caption_cuts(train_pairs["caption"], processor, positions, args.max_caption_tokens, log)
     model = apply_training_policy(model, args)
     counts = count_parameters(model)
     log(
@@ -228,7 +238,8 @@ def training_function(args):
     )
 
     def collate(rows):
-        return processor(images=[row["image"] for row in rows], suffix=[row["caption"] for row in rows])
+        captions = [cuts.get(row["caption"], row["caption"]) for row in rows]  # long ones cut to --max_caption_tokens
+        return processor(images=[row["image"] for row in rows], suffix=captions)
 
     train_loader = DataLoader(
         train_pairs.select_columns(["image", "caption"]),
@@ -254,6 +265,8 @@ def training_function(args):
     n = accelerator.num_processes
     scheduler = accelerator.prepare(get_cosine_schedule_with_warmup(optimizer, args.warmup_steps * n, max_steps * n))
 
+    if args.overwrite_output_dir and accelerator.is_main_process:  # every check passed: the old run can go
+        checkpoints.clear_output_dir(output_dir)
     scorer = evaluation.CaptionScorer() if accelerator.is_main_process and not args.no_eval else None
     results = {}
     if not (args.skip_baselines or args.no_eval) and resume is None:
@@ -266,8 +279,7 @@ def training_function(args):
     accelerator.init_trackers("cnngemma", config=config)
     global_step, start_epoch, skip_batches, history, loss_history = 0, 0, 0, [], []
     if resume is not None:
-        accelerator.load_state(str(resume))
-        state = json.loads((resume / "training_state.json").read_text())
+        state = checkpoints.load_checkpoint(accelerator, resume)
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
         history, loss_history = state["history"], [tuple(x) for x in state["loss_history"]]
         log(f"resumed from {resume} at step {global_step} (epoch {start_epoch}, batch {skip_batches})")
@@ -291,13 +303,20 @@ def training_function(args):
                 batch["pixel_values"] = augment(batch["pixel_values"].cpu(), generator).to(accelerator.device)
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
+                loss_value = accelerator.reduce(loss.detach().float(), "mean").item()  # every process stops together
+                if not math.isfinite(loss_value):
+                    progress.close()
+                    raise RunError(
+                        f"the training loss is {loss_value} at step {global_step + 1}: training stopped, no final "
+                        "model saved. Lower --learning_rate or the per-part rates, or check the data."
+                    )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            window_loss += loss.detach().float().item()
+            window_loss += loss_value
             window_batches += 1
             window_samples += batch["input_ids"].shape[0] * accelerator.num_processes
             train_samples += batch["input_ids"].shape[0] * accelerator.num_processes
@@ -329,7 +348,7 @@ def training_function(args):
                 state["loss_history"] = loss_history
                 if batches_in_epoch == len(train_loader):
                     state.update(epoch=epoch + 1, batches_in_epoch=0)
-                save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit)
+                checkpoints.save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit, run_id)
             tick = time.perf_counter()
             if global_step >= max_steps:
                 break
@@ -358,6 +377,32 @@ def training_function(args):
         evaluation.report({**results, "fine-tuned model" if args.model else "trained model": final}, rows, test_split)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def caption_cuts(captions, processor, positions: int, max_tokens: int, log) -> dict[str, str]:
+    """Each training caption over max_tokens tokens (counted as the processor counts them) -> the text of its first
+    max_tokens tokens; the processor still appends <eos>. Refuses a limit that the decoder's positions cannot hold."""
+    tokenizer, prefix, image = processor.tokenizer, processor.prompt_prefix, processor.num_image_tokens
+    prompt = len(tokenizer(prefix + "\n", add_special_tokens=False)["input_ids"])
+    if max_tokens > (room := positions - image - prompt - 2):  # 2: <bos> and <eos>
+        raise UsageError(
+            f"--max_caption_tokens {max_tokens} does not fit: the decoder's {positions} positions less {image} image "
+            f"tokens, <bos>, {prompt} prompt tokens and <eos> leave {room}. Pass --max_caption_tokens {room} or less."
+        )
+    unique = list(dict.fromkeys(captions))
+    encoded = tokenizer(unique, add_special_tokens=False, return_offsets_mapping=True)
+    cuts, longest = {}, max(map(len, encoded["input_ids"]))
+    for caption, ids, offsets in zip(unique, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        keep = max_tokens
+        while len(ids) > max_tokens and keep > 0:  # the text of the first `keep` tokens may re-tokenise differently
+            cuts[caption] = caption[: offsets[keep - 1][1]]
+            ids, keep = tokenizer(cuts[caption], add_special_tokens=False)["input_ids"], keep - 1
+    if count := sum(caption in cuts for caption in captions):
+        log(
+            f"warning: {count:,} of {len(captions):,} training captions are longer than --max_caption_tokens "
+            f"{max_tokens} (the longest has {longest:,} tokens): each is cut to its first {max_tokens} tokens."
+        )
+    return cuts
 
 
 def make_accelerator(args) -> Accelerator:
@@ -459,58 +504,12 @@ def augment(pixel_values, generator):
     return torch.stack(out)
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    folder = output_dir / "checkpoints"
-    return sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if folder.is_dir() else []
-
-
-def resolve_resume(args) -> Path | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(Path(args.output_dir))
-        if not found:
-            raise UsageError(
-                f"--resume_from_checkpoint latest: no checkpoint in {Path(args.output_dir) / 'checkpoints'}."
-            )
-        return found[-1]
-    path = Path(args.resume_from_checkpoint)
-    if not (path / "training_state.json").is_file():
-        raise UsageError(
-            f"--resume_from_checkpoint {path}: not a checkpoint folder (no training_state.json). "
-            "Pass 'latest' or an OUTPUT_DIR/checkpoints/step_N folder."
-        )
-    return path
-
-
-def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int):
-    """save_state into a temporary folder, then rename it: a killed run never leaves a half-written checkpoint."""
-    final = output_dir / "checkpoints" / f"step_{state['global_step']:06d}"
-    partial = final.with_name(f".partial-{final.name}")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / "training_state.json").write_text(json.dumps(state))
-        os.replace(partial, final)
-        for old in checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
 def save_final_model(accelerator, model, processor, args):
-    accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if args.lora_r and not args.save_adapter_only:
         unwrapped = unwrapped.merge_and_unload()  # a plain CNNGemma again, loadable without peft
     # with --save_adapter_only this is PeftModel.save_pretrained: adapter_config.json + adapter weights
-    unwrapped.save_pretrained(
-        args.output_dir, save_function=accelerator.save, is_main_process=accelerator.is_main_process
-    )
-    if accelerator.is_main_process:
-        processor.save_pretrained(args.output_dir)
+    checkpoints.save_final_model(accelerator, unwrapped, processor, Path(args.output_dir))
 
 
 def peak_memory_mb(device) -> float:
@@ -539,6 +538,9 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunError as error:  # the data, a checkpoint or the run itself
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

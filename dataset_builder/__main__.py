@@ -1,4 +1,7 @@
-"""Command line: `python -m dataset_builder {build,score,synth,push}`; each error ends in one clear line."""
+"""Command line: `python -m dataset_builder {build,score,synth,push}`; each error ends in one clear line.
+
+Exit status: 0 done, 1 bad data (a table, an image folder, the Hub), 2 bad arguments (nothing was read or written).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,34 @@ import json
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
+def _at_least(minimum: int):
+    """An argparse type: a whole number >= `minimum`, checked before any work."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"got {text!r}, expected a whole number >= {minimum}. Fix: pass a number such as {max(minimum, 1)}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"got {value}, expected a whole number >= {minimum}. Fix: pass {minimum} or more"
+            )
+        return value
+
+    return whole_number
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dataset_builder", description=__doc__)
+    parser = _Parser(prog="python -m dataset_builder", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", help="clean a caption table (+ images) into a DatasetDict")
@@ -31,7 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     build.add_argument(
         "--source", help="source name for a long-layout table without a source column (default: unknown)"
     )
-    build.add_argument("--max-side", type=int, default=1024, help="downscale images larger than this (pixels)")
+    build.add_argument(
+        "--max-side",
+        type=int,
+        default=1024,
+        help="downscale images larger than this (pixels, at least 32; checked by build() before any work)",
+    )
     build.add_argument(
         "--strict",
         action="store_true",
@@ -39,7 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(default: leave those rows out and list them in problems.csv)",
     )
     build.add_argument(
-        "--num-workers", type=int, default=None, help="processes for image checks (default: all CPU cores)"
+        "--num-workers",
+        type=_at_least(1),
+        default=None,
+        help="processes for image checks, 1 or more (default: all CPU cores)",
     )
     build.add_argument(
         "--drop-eval-duplicates",
@@ -51,15 +88,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     score = commands.add_parser("score", help="add a clip_score column and a CLIP screening report")
     score.add_argument("--dataset", required=True, help="a folder made by `build` (with images)")
     score.add_argument("--clip-model", required=True, help="local folder or Hub id of a transformers CLIP model")
-    score.add_argument("--batch-size", type=int, default=64, help="images or captions per forward pass")
+    score.add_argument("--batch-size", type=_at_least(1), default=64, help="images or captions per forward pass")
     score.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
-    score.add_argument("--lowest", type=int, default=16, help="number of lowest-scoring pairs in the contact sheet")
+    score.add_argument(
+        "--lowest", type=_at_least(1), default=16, help="number of lowest-scoring pairs in the contact sheet"
+    )
 
     synth = commands.add_parser("synth", help="make a synthetic aerial caption set in RISCM's raw layout")
     synth.add_argument("--output", required=True, help="output folder (captions.csv + resized/*.jpg)")
-    synth.add_argument("--num-images", type=int, default=2000, help="number of images")
-    synth.add_argument("--seed", type=int, default=0, help="random seed; the output is a function of it")
-    synth.add_argument("--size", type=int, default=224, help="image side in pixels")
+    synth.add_argument("--num-images", type=_at_least(1), default=2000, help="number of images")
+    synth.add_argument(
+        "--seed", type=_at_least(0), default=0, help="random seed (0 or more); the output is a function of it"
+    )
+    # synthesize() holds the same minimum for Python callers: smaller scenes lose their objects
+    synth.add_argument("--size", type=_at_least(32), default=224, help="image side in pixels (at least 32)")
     synth.add_argument("--grid", help="also write a 4x4 sample grid PNG with captions to this path")
 
     push = commands.add_parser("push", help="push a built dataset and its card to the Hugging Face Hub")
@@ -73,19 +115,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "build":
-            from .build import build
+            from .build import UsageError, build
 
-            stats = build(
-                args.captions,
-                args.output,
-                images=None if args.captions_only else args.images,
-                split=args.split,
-                source=args.source,
-                max_side=args.max_side,
-                strict=args.strict,
-                num_workers=args.num_workers,
-                drop_eval_duplicates=args.drop_eval_duplicates,
-            )
+            try:
+                stats = build(
+                    args.captions,
+                    args.output,
+                    images=None if args.captions_only else args.images,
+                    split=args.split,
+                    source=args.source,
+                    max_side=args.max_side,
+                    strict=args.strict,
+                    num_workers=args.num_workers,
+                    drop_eval_duplicates=args.drop_eval_duplicates,
+                )
+            except UsageError as error:  # checked before any work: the arguments, not the data, need fixing
+                print(f"error: {error}", file=sys.stderr)
+                return 2
             from .card import counts_table
 
             print(counts_table(stats["counts"]))
@@ -93,6 +139,8 @@ def main(argv=None) -> int:
                 f"wrote {args.output}: splits {stats['splits']}, empty splits {stats['empty_splits']}, "
                 f"{stats['problems']} problems listed in problems.csv, image checks {stats['image_checks']}"
             )
+            for warning in stats["warnings"]:
+                print(f"warning: {warning}", file=sys.stderr)
         elif args.command == "score":
             from .score import score
 

@@ -39,8 +39,13 @@ def remove_stale_partials(output: Path) -> list[Path]:
 
 
 def check_replaceable(output: Path) -> None:
-    """Refuse to replace a folder that is not an earlier output of this tool (it might be someone's data)."""
-    if output.exists() and (not output.is_dir() or any(output.iterdir()) and not (output / MARKER).is_file()):
+    """Refuse to replace a file, or a folder that is not an earlier output of this tool (it might be someone's data)."""
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(
+            f"--output {output} is a file. Expected a folder: a new or empty one, or an earlier output to replace. "
+            "Fix: choose another --output; a file is never replaced."
+        )
+    if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
         raise FileExistsError(
             f"--output {output} exists and is not a dataset_builder output (no {MARKER}). "
             "Expected a new or empty folder, or an earlier output to replace. "

@@ -2,7 +2,7 @@
 
 Output folder: the pair DatasetDict (save_to_disk), `csv/{train,val,test}.csv`, `grouped/` (one row per image),
 `problems.csv`, `duplicates.csv` (every pair of copied images), `stats.json` and the dataset card `README.md`. See
-the package README section for the layout.
+the package README section for the layout. Only files that resolve inside `--images` are read.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from itertools import combinations_with_replacement
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_directory, check_replaceable
@@ -29,7 +31,9 @@ from .duplicates import HASH_BITS, HASH_SIZE, NEAR_DISTANCE, find_duplicates
 from .images import ImageCheck, check_image
 from .tables import DATASET_SPLITS, TABLE_SPLITS, ImageRecord, read_caption_table
 
-STATS_VERSION = 2
+STATS_VERSION = 3
+MIN_MAX_SIDE = 32  # smaller images hold too little for a caption, and resizing to 0 pixels fails
+LONG_CAPTION_RULE = "max(300, 4 x the 99th percentile of kept caption lengths)"
 COUNT_FIELDS = (
     "images",
     "captions_in",
@@ -55,6 +59,10 @@ CHUNK = 1024  # pair rows per Arrow write when images are copied
 
 class StrictError(RuntimeError):
     """--strict and at least one image could not be used."""
+
+
+class UsageError(ValueError):
+    """Arguments out of range or in conflict, found before any work; the command line exits with status 2."""
 
 
 def pair_features(with_images: bool) -> datasets.Features:
@@ -85,15 +93,60 @@ class _Image:
     duplicate_of: _Image | None = None  # the training image it copies, when dropped by --drop-eval-duplicates
 
 
-def _check_images(paths: list[Path], max_side: int, num_workers: int):
-    """Yield an ImageCheck per path, in order, using worker processes for real work."""
-    worker = partial(check_image, max_side=max_side)
-    progress = dict(total=len(paths), desc="checking images", unit="img", mininterval=1.0)
-    if num_workers <= 1 or len(paths) < 64:
-        yield from tqdm(map(worker, paths), **progress)
+def _resolve_inside(root: Path, name: str) -> tuple[Path | None, ImageCheck | None]:
+    """The file that `name` names under the resolved folder `root`, symlinks followed, or why it is not read.
+
+    Only files that resolve inside `root` are read: a table naming `../x`, an absolute path or a symlink that leads
+    out of the folder must not put other files into the dataset (which `push` uploads).
+    """
+    path = os.path.join(root, name)
+    try:
+        if os.path.basename(name) == name and name not in (".", "..") and not os.path.islink(path):
+            return Path(path), None  # a plain entry of a resolved folder: one lstat, not one per path component
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError) as error:  # a name too long for the file system; RuntimeError: a symlink loop
+        return None, ImageCheck(data=None, problem=f"unreadable: {error}", kind="unreadable")
+    if not resolved.is_relative_to(root):
+        reason = (
+            f"outside --images: {name!r} resolves to {resolved}, which is not inside {root}; "
+            "only files inside --images are read"
+        )
+        return None, ImageCheck(data=None, problem=reason, kind="outside")
+    return resolved, None
+
+
+def _check_one(name: str, root: Path, max_side: int) -> tuple[ImageCheck, str | None]:
+    """`check_image` of the file `name` names inside `root`, and the format of a file whose stored bytes differ from
+    it for no reason `check_image` gives (an RGB WebP, BMP or TIFF is re-encoded as PNG: it is listed all the same).
+    """
+    path, refused = _resolve_inside(root, name)
+    if refused is not None:
+        return refused, None
+    try:
+        check = check_image(path, max_side=max_side)
+    except OSError as error:  # no read permission, a name too long: this row is listed, the build goes on
+        return ImageCheck(data=None, problem=f"unreadable: {error}", kind="unreadable"), None
+    if check.data is None or check.converted_from or check.downscaled_from:
+        return check, None
+    with open(path, "rb") as file:  # a re-encoded file differs from the stored bytes in size or in its first bytes
+        if os.fstat(file.fileno()).st_size == len(check.data) and check.data.startswith(file.read(64)):
+            return check, None
+    try:
+        with Image.open(path) as image:
+            return check, image.format or "unknown format"
+    except (OSError, ValueError):
+        return check, "unknown format"
+
+
+def _check_images(names: list[str], root: Path, max_side: int, num_workers: int):
+    """Yield (ImageCheck, re-encoded format) per image name, in order, using worker processes for real work."""
+    worker = partial(_check_one, root=root, max_side=max_side)
+    progress = dict(total=len(names), desc="checking images", unit="img", mininterval=1.0)
+    if num_workers <= 1 or len(names) < 64:
+        yield from tqdm(map(worker, names), **progress)
         return
     with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-        yield from tqdm(pool.imap(worker, paths, chunksize=8), **progress)
+        yield from tqdm(pool.imap(worker, names, chunksize=8), **progress)
 
 
 def _image_column(checks: list[ImageCheck], names: list[str]) -> pa.Array:
@@ -177,6 +230,74 @@ def _find_duplicates(entries: list[_Image], folder: Path, drop_eval: bool, probl
     return rows, stats
 
 
+def _check_arguments(captions, output: Path, images, max_side: int, num_workers: int | None, drop_eval: bool) -> None:
+    """Every check that needs no reading: values in range, and an output that can be replaced without losing data."""
+    if max_side < MIN_MAX_SIDE:
+        raise UsageError(
+            f"--max-side {max_side} is too small. Expected at least {MIN_MAX_SIDE} pixels. "
+            f"Fix: pass --max-side {MIN_MAX_SIDE} or more (default 1024)."
+        )
+    if num_workers is not None and num_workers < 1:
+        raise UsageError(
+            f"--num-workers {num_workers} is not a number of processes. Expected 1 or more. "
+            "Fix: pass --num-workers 1 to check images in this process, or leave it out to use every CPU core."
+        )
+    if drop_eval and images is None:
+        raise UsageError(
+            "--drop-eval-duplicates needs the images, but the build is captions only. Expected --images FOLDER. "
+            "Fix: pass --images, or leave out --drop-eval-duplicates."
+        )
+    target = output.resolve()
+    if Path(captions).resolve().is_relative_to(target):
+        raise UsageError(
+            f"--captions {captions} is inside --output {output}, which the build replaces. Expected a table "
+            "outside the output folder. Fix: copy the table elsewhere, or choose another --output."
+        )
+    if images is not None:
+        folder = Path(images).resolve()
+        if target.is_relative_to(folder):
+            raise UsageError(
+                f"--output {output} is inside --images {images}. Expected an output folder outside the images, "
+                "which the build only reads. Fix: choose an --output outside that folder."
+            )
+        if folder.is_relative_to(target):
+            raise UsageError(
+                f"--images {images} is inside --output {output}, which the build replaces. Expected the images "
+                "outside the output folder. Fix: move the images, or choose another --output."
+            )
+    check_replaceable(output)
+    if images is not None and not Path(images).is_dir():
+        raise FileNotFoundError(
+            f"--images {images} is not a folder. Expected the folder holding the files named in "
+            "the image column (RISCM: resized/). Fix: pass the right folder, or --captions-only."
+        )
+
+
+def _long_captions(entries: list[_Image], name_of) -> tuple[int, list[tuple[str, int, str]]]:
+    """The length above which a kept caption is very long for this dataset, and a problems.csv row for each one.
+
+    The limit is LONG_CAPTION_RULE; 'lower' makes the percentile a caption length that occurs, so that in a small
+    dataset one outlier does not raise the limit above itself.
+    """
+    lengths = [len(text) for entry in entries for text in entry.kept]
+    limit = max(300, 4 * int(np.percentile(lengths, 99, method="lower")))
+    rows = []
+    for entry in entries:
+        for text in entry.kept:
+            if len(text) > limit:
+                # the kept caption is the stripped first occurrence: its number is that of the first equal caption
+                number = next(k for k, caption in enumerate(entry.record.captions) if caption.strip() == text)
+                rows.append(
+                    (
+                        name_of(entry),
+                        entry.record.caption_lines[number],
+                        f"caption {number + 1} is {len(text)} characters, very long for this dataset "
+                        f"(over {limit}): listed only (row kept)",
+                    )
+                )
+    return limit, rows
+
+
 def build(
     captions: str | Path,
     output: str | Path,
@@ -192,47 +313,52 @@ def build(
 
     Duplicate images are always listed; `drop_eval_duplicates` also leaves out validation and test images that are
     exact or near copies of a training image, so that evaluation does not score pictures the model trained on.
+    Images are read only where they resolve inside `images`; any other name is listed as a problem.
     """
     output = Path(output)
-    if drop_eval_duplicates and images is None:
-        raise ValueError(
-            "--drop-eval-duplicates needs the images, but the build is captions only. Expected --images FOLDER. "
-            "Fix: pass --images, or leave out --drop-eval-duplicates."
-        )
-    check_replaceable(output)
+    _check_arguments(captions, output, images, max_side, num_workers, drop_eval_duplicates)
     table = read_caption_table(captions, split=split, source=source)
-    if images is not None and not Path(images).is_dir():
-        raise FileNotFoundError(
-            f"--images {images} is not a folder. Expected the folder holding the files named in "
-            "the image column (RISCM: resized/). Fix: pass the right folder, or --captions-only."
-        )
     entries = []
     for record in table.records:
         cleaned = clean_captions(record.captions)
         entries.append(_Image(record, cleaned.kept, cleaned.duplicates, cleaned.empties))
+    if not any(entry.kept for entry in entries):
+        raise ValueError(
+            f"{captions}: all {sum(len(entry.record.captions) for entry in entries)} captions of its "
+            f"{len(entries)} images are empty, so there is nothing to build. Expected at least one non-empty "
+            "caption. Fix: check that the caption columns hold the captions, or export the table again."
+        )
+
+    def name_of(entry: _Image) -> str:
+        return entry.record.image if images is None else str(Path(images) / entry.record.image)
 
     problems: list[tuple[str, int, str]] = []
     image_checks: Counter = Counter()
     if images is not None:
-        paths = [Path(images) / entry.record.image for entry in entries]
-        for entry, path, check in zip(
-            entries, paths, _check_images(paths, max_side, num_workers or os.cpu_count()), strict=True
-        ):
+        names = [entry.record.image for entry in entries]
+        workers = num_workers if num_workers is not None else os.cpu_count()
+        checked = _check_images(names, Path(images).resolve(), max_side, workers)
+        for entry, (check, reencoded_from) in zip(entries, checked, strict=True):
             entry.check = check
+            where, line = name_of(entry), entry.record.line
             if check.problem:
                 image_checks[check.kind] += 1
-                problems.append((str(path), entry.record.line, f"{check.problem} (row dropped)"))
+                problems.append((where, line, f"{check.problem} (row dropped)"))
                 continue
             if check.converted_from:
                 image_checks[f"converted from {check.converted_from}"] += 1
-                problems.append((str(path), entry.record.line, f"converted: {check.converted_from} to RGB (row kept)"))
+                problems.append((where, line, f"converted: {check.converted_from} to RGB (row kept)"))
+            if reencoded_from:
+                stored = "PNG" if check.data.startswith(b"\x89PNG") else "JPEG"
+                image_checks[f"converted from {reencoded_from}"] += 1
+                problems.append((where, line, f"converted: {reencoded_from} stored as {stored} (row kept)"))
             if check.downscaled_from:
                 image_checks["downscaled"] += 1
                 width, height = check.downscaled_from
                 problems.append(
                     (
-                        str(path),
-                        entry.record.line,
+                        where,
+                        line,
                         f"downscaled: {width}x{height} to "
                         f"{check.size[0]}x{check.size[1]} (--max-side {max_side}, row kept)",
                     )
@@ -263,6 +389,7 @@ def build(
 
     counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
     by_split: dict[str, list[_Image]] = {name: [] for name in TABLE_SPLITS}
+    kept: list[_Image] = []  # in table order
     for entry in entries:
         count = counts[entry.record.split, entry.record.source]
         count["images"] += 1
@@ -275,6 +402,32 @@ def build(
             continue
         count["pairs_out"] += len(entry.kept)
         by_split[entry.record.split].append(entry)
+        kept.append(entry)
+    if not kept:  # with images only: a captions-only build keeps every image with a caption
+        reasons = Counter(entry.check.kind for entry in entries if entry.check.data is None)
+        reasons["with only empty captions"] = sum(not entry.kept for entry in entries if entry.check.data is not None)
+        listing = ", ".join(f"{count} {reason}" for reason, count in reasons.items() if count)
+        raise ValueError(
+            f"{captions}: none of its {len(entries)} images can be used ({listing}), so there is nothing to build. "
+            f"Expected at least one readable image inside --images {images} with a non-empty caption. "
+            "Fix: check that --images is the folder the image column names; --strict lists every unusable image."
+        )
+    long_limit, long_rows = _long_captions(kept, name_of)
+    problems += long_rows
+    warnings = []  # one line each, printed by the command line and kept in stats.json
+    if long_rows:
+        warnings.append(
+            f"very long captions for this dataset (over {long_limit} characters): {len(long_rows)} of "
+            f"{sum(len(entry.kept) for entry in kept)}, kept and listed in problems.csv"
+        )
+    if not by_split["train"]:
+        in_table = sum(entry.record.split == "train" for entry in entries)
+        warnings.append(
+            f"the train split is empty: no train image is left (dropped: {in_table}, see problems.csv), so this "
+            "output cannot train a model"
+            if in_table
+            else "the train split is empty: the table has no train rows (an evaluation-only build)"
+        )
 
     digest = hashlib.sha256(Path(captions).read_bytes())
     digest.update(json.dumps([images is not None, max_side, split, source, drop_eval_duplicates]).encode())
@@ -340,11 +493,6 @@ def build(
             name = DATASET_SPLITS[table_split]
             grouped_splits[name] = datasets.Dataset(grouped_table, fingerprint=f"{fingerprint}-grouped-{name}")
             pair_splits[name] = datasets.Dataset(pair_table, fingerprint=f"{fingerprint}-pairs-{name}")
-        if not pair_splits:
-            raise ValueError(
-                f"{captions}: no image has a usable caption and image, so there is nothing to save. "
-                "Expected at least one. Fix: see the problems listed above."
-            )
         datasets.DatasetDict(pair_splits).save_to_disk(str(work))
         datasets.DatasetDict(grouped_splits).save_to_disk(str(work / "grouped"))
         pair_splits.clear()
@@ -361,6 +509,7 @@ def build(
             "captions_sha256": hashlib.sha256(Path(captions).read_bytes()).hexdigest(),
             "layout": table.layout,
             "line_ending": table.line_ending,
+            "encoding": table.encoding,
             "with_images": images is not None,
             "max_side": max_side if images is not None else None,
             "fingerprint": fingerprint,
@@ -372,7 +521,9 @@ def build(
             ],
             "image_checks": dict(sorted(image_checks.items())),
             "duplicates": duplicates,
+            "long_captions": {"rule": LONG_CAPTION_RULE, "limit": long_limit, "captions": len(long_rows)},
             "problems": len(problems),
+            "warnings": warnings,
             "size_bytes": {
                 "pairs": sum(_folder_size(work / name) for name in DATASET_SPLITS.values() if (work / name).is_dir()),
                 "grouped": _folder_size(work / "grouped"),

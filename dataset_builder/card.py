@@ -59,6 +59,7 @@ def dataset_card(stats: dict) -> DatasetCard:
         empty_splits=", ".join(f"`{name}`" for name in stats["empty_splits"]) or "none",
         with_images=stats["with_images"],
         counts_table=counts_table(stats["counts"]),
+        long_captions=stats.get("long_captions"),  # absent from outputs of earlier builder versions
         image_checks_rows="\n".join(f"| {kind} | {count:,} |" for kind, count in checks) or "| none | 0 |",
         sizes={part: _size(size) for part, size in stats["size_bytes"].items()},
         duplicates=stats.get("duplicates"),

@@ -1,5 +1,6 @@
 """`push`: the one dataset push (card, pairs as the default config, `grouped` as a second one) and the Hub helpers
-that `python -m dataset_builder push` and `push_to_hub.py` share: the offline check and one-line Hub errors."""
+that `python -m dataset_builder push` and `push_to_hub.py` share: the offline and repo-id checks, one-line Hub
+errors."""
 
 from __future__ import annotations
 
@@ -20,6 +21,21 @@ def hub_api(token: str | None = None, fix: str = ""):
             f"HF_HUB_OFFLINE on a machine with network access{fix}."
         )
     return HfApi(token=token)
+
+
+def repo_id_problem(value: str, namespaced: bool = True) -> str | None:
+    """Why `value` is not a Hub repository id ('namespace/name', or a bare namespace), or None when it is one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if namespaced and value.count("/") != 1:
+        return "not of the form 'namespace/name'."
+    if not namespaced and "/" in value:
+        return "a namespace is a user or organisation name, without '/'."
+    try:
+        validate_repo_id(value)
+    except HFValidationError as error:
+        return f"not a valid Hub id ({error})."
+    return None
 
 
 def hub_call(what: str, token: str | None, function, /, *args, **kwargs):
@@ -45,6 +61,10 @@ def push_dataset(api, folder: str | Path, repo_id: str, *, private: bool = False
     With `api=None` nothing is sent: the folder is checked and described (push_to_hub.py's --dry_run)."""
     import datasets
 
+    if problem := repo_id_problem(str(repo_id)):
+        raise PushError(
+            f"dataset repository {repo_id!r}: {problem} Expected e.g. user/riscm-captions. Nothing was sent."
+        )
     folder = Path(folder)
     missing = [name for name in ("dataset_dict.json", "README.md") if not (folder / name).is_file()]
     if missing:

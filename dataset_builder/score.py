@@ -165,7 +165,9 @@ def score(dataset: str | Path, clip_model: str, batch_size: int = 64, device: st
         datasets.DatasetDict(scored).save_to_disk(str(work))
         for name in ("grouped", "csv"):
             shutil.copytree(dataset / name, work / name)
-        shutil.copy2(dataset / "problems.csv", work / "problems.csv")
+        for name in ("problems.csv", "duplicates.csv"):  # duplicates.csv: absent in captions-only builds
+            if (dataset / name).is_file():
+                shutil.copy2(dataset / name, work / name)
         _write_report(work / "clip_report", rows, grouped, lowest)
         (work / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
         write_card(work / "README.md", stats)

@@ -1,7 +1,7 @@
 """Reading and validating caption tables: RISCM's raw layout or the long layout.
 
 Every problem with a table is a `TableError` naming the file, the line and the column, what was found, what was
-expected and how to fix it. Nothing is guessed or silently repaired.
+expected and how to fix it. Nothing is guessed or silently repaired; a byte-order mark names the encoding.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class ImageRecord:
     source: str
     line: int
     captions: list[str] = field(default_factory=list)
+    caption_lines: list[int] = field(default_factory=list)  # the table line of each caption
 
 
 @dataclass
@@ -49,15 +50,94 @@ class CaptionTable:
     layout: str  # "raw" or "long"
     line_ending: str  # "LF" or "CRLF"
     records: list[ImageRecord]
+    encoding: str = "UTF-8"  # or "UTF-8 with BOM", "UTF-16 LE with BOM", ...
 
 
 def _column_label(index: int, name: str) -> str:
     return f"{index + 1} ({name!r})"
 
 
-def _decode(path: Path, raw: bytes) -> tuple[str, str]:
-    """Return the table text with LF line endings, and the line ending found ("LF" or "CRLF")."""
-    if not raw.strip():
+# Byte-order marks, longest first: a UTF-32 LE mark starts with the UTF-16 LE one.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32 LE with BOM"),
+    (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32 BE with BOM"),
+    (codecs.BOM_UTF8, "utf-8", "UTF-8 with BOM"),
+    (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16 LE with BOM"),
+    (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16 BE with BOM"),
+)
+
+
+def _check_nul_bytes(path: Path, raw: bytes) -> None:
+    """Name what a file with NUL bytes most likely is: UTF-16 without a BOM, a workbook, or not text at all."""
+    first = raw.find(b"\x00")
+    if first < 0:
+        return
+    line = raw.count(b"\n", 0, first) + 1
+    expected = "a text CSV in UTF-8 (with or without a byte-order mark), or UTF-16 with a byte-order mark"
+    if raw.startswith(b"PK\x03\x04"):
+        raise TableError(
+            path,
+            1,
+            None,
+            "the file is a ZIP archive (an Excel .xlsx workbook?), not a CSV text file",
+            expected,
+            "export the sheet as 'CSV UTF-8 (Comma delimited)' and pass that file",
+        )
+    sample = raw[:4096]
+    odd, even = sample[1::2].count(0), sample[0::2].count(0)
+    if len(sample) >= 4 and max(odd, even) >= 0.4 * len(sample) / 2 and min(odd, even) == 0:
+        codec = "UTF-16LE" if odd else "UTF-16BE"
+        raise TableError(
+            path,
+            line,
+            None,
+            f"every other byte is NUL: this looks like {codec[:6]} {codec[6:]} text without a byte-order mark",
+            expected,
+            f"convert it into a new file and pass that one, e.g. iconv -f {codec} -t UTF-8 FILE > FILE.utf8.csv",
+        )
+    raise TableError(
+        path,
+        line,
+        None,
+        f"byte b'\\x00' (NUL) at byte offset {first}: the file is not text",
+        expected,
+        "check that --captions names the caption table, and export it again as CSV UTF-8",
+    )
+
+
+def _decode(path: Path, raw: bytes) -> tuple[str, str, str]:
+    """Return the table text with LF line endings, the line ending found ("LF" or "CRLF") and the encoding.
+
+    UTF-8 is read as it is; a byte-order mark selects UTF-8, UTF-16 or UTF-32 and is removed (spreadsheets write one).
+    """
+    codec, encoding, offset = "utf-8", "UTF-8", 0
+    for bom, bom_codec, name in _BOMS:
+        if raw.startswith(bom):
+            codec, encoding, offset = bom_codec, name, len(bom)
+            break
+    else:
+        _check_nul_bytes(path, raw)
+    body = raw[offset:]
+    try:
+        text = body.decode(codec)
+    except UnicodeDecodeError as error:
+        prefix = body[: error.start].decode(codec, errors="replace")
+        line = prefix.count("\n") + 1
+        column = max(1, len(next(csv.reader([prefix.rpartition("\n")[2]]), [])))
+        if codec == "utf-8":
+            fix = "convert the file, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8"
+        else:
+            fix = "the file is damaged or not in the encoding its byte-order mark names: export the table again"
+        raise TableError(
+            path,
+            line,
+            str(column),
+            f"byte {body[error.start : error.start + 1]!r} is not valid {encoding.removesuffix(' with BOM')} "
+            f"(byte offset {offset + error.start})",
+            f"{encoding.removesuffix(' with BOM')} text",
+            fix,
+        ) from None
+    if not text.strip():
         raise TableError(
             path,
             1,
@@ -66,37 +146,20 @@ def _decode(path: Path, raw: bytes) -> tuple[str, str]:
             "a header line such as 'source,split,image,caption_1,...,caption_5' or 'image,caption'",
             "export the table again",
         )
-    for bom, name in ((codecs.BOM_UTF8, "UTF-8"), (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
-        if raw.startswith(bom):
-            raise TableError(
-                path,
-                1,
-                "1",
-                f"the file starts with a {name} byte-order mark (BOM)",
-                "plain UTF-8 without a BOM",
-                "save it as 'CSV UTF-8' without BOM, e.g. "
-                "python -c \"import sys;p=sys.argv[1];open(p,'w',encoding='utf-8',newline='')"
-                ".write(open(p,encoding='utf-8-sig').read())\" FILE",
-            )
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        line_start = raw.rfind(b"\n", 0, error.start) + 1
-        prefix = raw[line_start : error.start].decode("utf-8", errors="replace")
-        column = len(next(csv.reader([prefix]), [""]))
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
         raise TableError(
             path,
             line,
-            str(column),
-            f"byte {raw[error.start : error.start + 1]!r} is not valid UTF-8 (byte offset {error.start})",
-            "UTF-8 text",
-            "convert the file, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8",
-        ) from None
+            None,
+            "the text holds a NUL character",
+            "captions and image names without NUL characters",
+            "export the table again; if it came from a script, check what it writes",
+        )
     # RISCM's own raw table uses CRLF line endings throughout: that is accepted, normalised and reported.
     # Mixed endings or a bare CR mean an edited or corrupted file and are an error.
     if "\r" not in text:
-        return text, "LF"
+        return text, "LF", encoding
     lines = text.split("\n")
     first_ending = "CRLF" if lines[0].endswith("\r") and len(lines) > 1 else "LF"
     for number, line in enumerate(lines, start=1):
@@ -120,7 +183,7 @@ def _decode(path: Path, raw: bytes) -> tuple[str, str]:
                 "one line ending throughout (LF; or CRLF, as in RISCM's raw table)",
                 "convert the file, e.g. dos2unix FILE",
             )
-    return text.replace("\r\n", "\n"), "CRLF"
+    return text.replace("\r\n", "\n"), "CRLF", encoding
 
 
 def _missing_columns_error(path: Path, header: list[str], missing: list[str], expected: str) -> TableError:
@@ -236,7 +299,7 @@ def read_caption_table(path: str | Path, split: str | None = None, source: str |
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: caption table not found. Expected a CSV file; check the --captions path.")
-    text, line_ending = _decode(path, path.read_bytes())
+    text, line_ending, encoding = _decode(path, path.read_bytes())
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header = next(reader)
     layout = _check_header(path, header)
@@ -309,7 +372,9 @@ def read_caption_table(path: str | Path, split: str | None = None, source: str |
             captions = [row[index] for index in caption_indices]
             record = records.get(image)
             if record is None:
-                records[image] = ImageRecord(image, row_split, row_source, row_line, captions)
+                records[image] = ImageRecord(
+                    image, row_split, row_source, row_line, captions, [row_line] * len(captions)
+                )
                 continue
             for column, first, here in (("split", record.split, row_split), ("source", record.source, row_source)):
                 if first != here:
@@ -322,6 +387,7 @@ def read_caption_table(path: str | Path, split: str | None = None, source: str |
                         f"give image {image!r} a single {column}",
                     )
             record.captions.extend(captions)
+            record.caption_lines.extend([row_line] * len(captions))
     except csv.Error as error:
         raise TableError(
             path,
@@ -340,4 +406,4 @@ def read_caption_table(path: str | Path, split: str | None = None, source: str |
             "one row per image or caption",
             "check that the right file was exported",
         )
-    return CaptionTable(path, layout, line_ending, list(records.values()))
+    return CaptionTable(path, layout, line_ending, list(records.values()), encoding)

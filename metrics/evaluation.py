@@ -36,6 +36,10 @@ class UsageError(ValueError):
     """Bad input found before any work starts: printed as one 'error: ...' line, exit code 2."""
 
 
+class RunError(RuntimeError):
+    """A fault in the data, a saved file or the run itself (not in the flags): one 'error: ...' line, exit code 1."""
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
@@ -119,6 +123,14 @@ def load_caption_dataset(path_or_id: str | None, num_synth_images: int, seed: in
             f"--dataset {path_or_id}: splits {sorted(dataset)}; expected 'train' and at least one of "
             "'validation' or 'test'."
         )
+    for split in [name for name in ("train", "validation", "test") if name in dataset]:
+        captions = dataset[split]["caption"]
+        if not any(isinstance(caption, str) and caption.strip() for caption in captions):
+            what = f"all {len(captions):,} of its captions are empty" if len(captions) else "it has no pairs"
+            raise RunError(
+                f"--dataset {path_or_id}: split {split!r} cannot be used: {what}. Expected image-caption pairs with "
+                "text in every split; rebuild it with dataset_builder."
+            )
     return dataset
 
 
@@ -307,6 +319,9 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

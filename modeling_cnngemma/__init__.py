@@ -1,7 +1,7 @@
 """CNNGemma: PaliGemma's layout with a small timm CNN as the vision tower, for cheap aerial-image captioning."""
 
 from .configuration_cnngemma import CNNGemmaConfig
-from .image_processing_cnngemma import CNNGemmaImageProcessor
+from .image_processing_cnngemma import CNNGemmaImageProcessor, load_image
 from .modeling_cnngemma import (
     CNNGemmaForConditionalGeneration,
     CNNGemmaModel,
@@ -29,4 +29,5 @@ __all__ = [
     "CNNGemmaProcessor",
     "build_caption_tokenizer",
     "check_source",
+    "load_image",
 ]

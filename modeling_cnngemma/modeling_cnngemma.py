@@ -42,10 +42,7 @@ TEXT_SHAPE_FIELDS += ("num_key_value_heads", "head_dim")
 
 @dataclass
 class CNNGemmaModelOutputWithPast(BaseModelOutputWithPast):
-    """
-    image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, hidden_size)`, *optional*):
-        The projected image features that replaced the `<image>` tokens.
-    """
+    """Adds `image_hidden_states` (batch, num_image_tokens, hidden): the features that replaced the `<image>` tokens."""
 
     image_hidden_states: torch.FloatTensor | None = None
 
@@ -109,8 +106,7 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
     def __init__(self, config: CNNGemmaConfig):
         super().__init__(config)
         self.vision_tower = build_vision_tower(config)
-        # timm already initialised the tower its own way; transformers' generic `_init_weights` would re-draw every
-        # conv and reset the BatchNorm statistics, so post_init() is told to skip it.
+        # timm initialised the tower; post_init()'s generic `_init_weights` would re-draw its convs and reset BatchNorm
         for module in self.vision_tower.modules():
             module._is_hf_initialized = True
         # The tower is not a PreTrainedModel, so device_map="auto" must be told to keep it on one device.
@@ -290,6 +286,12 @@ class CNNGemmaForConditionalGeneration(CNNGemmaPreTrainedModel, GenerationMixin)
             image_hidden_states=outputs.image_hidden_states,
         )
 
+    def generate(self, *args, **kwargs):  # refuses num_beams < 1 by name: transformers would divide by zero
+        beams = kwargs.get("num_beams", (kwargs.get("generation_config") or self.generation_config).num_beams)
+        if beams is not None and beams < 1:
+            raise ValueError(f"num_beams={beams}: expected an integer >= 1 (1 is greedy decoding).")
+        return super().generate(*args, **kwargs)
+
     def set_trainable(self, *, vision_tower: bool, multi_modal_projector: bool, language_model: bool):
         """Freezes or unfreezes each part. A frozen CNN is kept in eval mode so its BatchNorm statistics never move."""
         self.model.vision_tower.requires_grad_(vision_tower)
@@ -314,7 +316,7 @@ class CNNGemmaForConditionalGeneration(CNNGemmaPreTrainedModel, GenerationMixin)
         vision_pretrained: bool | str | os.PathLike = False,
         tokenizer=None,
     ):
-        """Builds CNNGemma from pretrained parts and returns `(model, tokenizer)`.
+        """Builds CNNGemma from pretrained parts and returns `(model, tokenizer)`. Every pretrained weight must load.
 
         Args:
             config: the CNNGemma config. Its text config must have the checkpoint's shape.
@@ -322,8 +324,6 @@ class CNNGemmaForConditionalGeneration(CNNGemmaPreTrainedModel, GenerationMixin)
                 checkpoint only the `language_model` weights are taken. None keeps a randomly initialised decoder.
             vision_pretrained: False (timm init), True (timm's ImageNet weights from the Hub) or a weights file.
             tokenizer: used when `language_model` is None; otherwise the checkpoint's tokenizer is loaded.
-
-        Every weight of the pretrained parts must load: missing or unexpected keys raise.
         """
         config = CNNGemmaConfig.from_dict(config.to_dict())  # never mutate the caller's config
         lm_weights = None

@@ -111,6 +111,8 @@ class CNNGemmaProcessor(ProcessorMixin):
         if images is None:
             raise ValueError("CNNGemmaProcessor needs images: one PIL image or a list with one image per sample.")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("CNNGemmaProcessor got an empty list of images; pass at least one image, one per sample.")
         # apply_chat_template passes one list of images per conversation: CNNGemma takes exactly one per sample
         for i, image in enumerate(images):
             if isinstance(image, (list, tuple)):

@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from PIL import Image
+from PIL import Image, ImageOps
 from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
@@ -250,6 +252,35 @@ def test_gradio_client_calls_the_caption_endpoint(app_url, scene, generate_capti
         {"headers": COLUMNS, "data": [], "metadata": None},
         "No image given: upload one or more images, or pick an example.",
     )
+
+
+def test_uploads_reach_the_model_as_the_training_data_were_decoded(app_module, trained_demo, tmp_path):
+    # The Space has only the Hub model: it decodes uploads with the model's own load_image (remote code), which
+    # turns an EXIF-rotated JPEG upright as `datasets` does for training images.
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model_dir, _ = trained_demo
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(np.arange(24 * 40 * 3, dtype=np.uint8).reshape(24, 40, 3)).save(path, exif=exif)
+    with Image.open(path) as image:
+        upright = np.asarray(ImageOps.exif_transpose(image))  # what `datasets` gives for the stored file
+    seen = []
+
+    def record(image, num_beams, max_new_tokens):  # instead of generating: what reached the model
+        seen.append(np.asarray(image))
+        return "a caption", {"vision": 0.0, "prefill": 0.0, "decode": 0.0}
+
+    before_load_image = SimpleNamespace(image_processor=SimpleNamespace())  # a model saved before load_image existed
+    for captioner in (app_module.Captioner(model, processor), app_module.Captioner(model, before_load_image)):
+        captioner.generate = record
+        row = ["rotated.jpg", "a caption", 0.0, 0.0, 0.0, model.config.num_image_tokens]
+        assert captioner.caption([str(path)], "greedy", 1, 4)[1:] == ([row], "")
+    assert np.array_equal(seen[0], upright)
+    assert seen[1].shape == (24, 40, 3)  # Pillow alone leaves it on its side
 
 
 def test_cli_names_a_model_it_cannot_load_and_exits_1(app_module, tmp_path, capsys, monkeypatch):

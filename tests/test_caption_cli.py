@@ -1,11 +1,17 @@
-"""caption.py: folders and files, text and JSONL output, unreadable images reported without stopping the rest."""
+"""caption.py: folders and files, text and JSONL output, unreadable images reported without stopping the rest,
+model folders checked before loading, and every failure one line without a traceback."""
 
 import importlib.util
 import json
+import re
+import shutil
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT, random_images
 from PIL import Image
+
+from modeling_cnngemma import load_image
 
 spec = importlib.util.spec_from_file_location("caption_cli", REPO_ROOT / "caption.py")
 caption_cli = importlib.util.module_from_spec(spec)
@@ -60,3 +66,124 @@ def test_bad_flags_and_missing_model(tmp_path, capsys):
         "error: --model='someone/cnngemma' looks like a Hub id, but HF_HUB_OFFLINE=1 forbids"
         in capsys.readouterr().err
     )
+
+
+def copy_without(saved_model_dir, tmp_path, name):
+    folder = tmp_path / f"without-{name}"
+    shutil.copytree(saved_model_dir, folder)
+    (folder / name).unlink()
+    return folder
+
+
+@pytest.mark.parametrize(
+    "remove, expected",
+    [
+        ("tokenizer.json", "missing tokenizer.json."),
+        ("processor_config.json", "missing processor_config.json."),
+        ("modeling_cnngemma.py", "missing modeling_cnngemma.py."),
+        ("image_processing_cnngemma.py", "missing image_processing_cnngemma.py."),
+        ("model.safetensors", "missing the weights (model.safetensors)."),
+    ],
+)
+def test_a_model_folder_missing_a_file_names_it(saved_model_dir, tmp_path, capsys, remove, expected):
+    folder = copy_without(saved_model_dir, tmp_path, remove)
+    assert caption_cli.main(["--model", str(folder), "x.png"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: --model {folder}: {expected} Expected a folder written by train_hf.py or save_pretrained; re-save "
+        "it, or copy the missing files from the training output.\n"
+    )
+
+
+def test_a_config_file_or_a_parent_folder_as_model_says_which_folder_to_pass(saved_model_dir, tmp_path, capsys):
+    assert caption_cli.main(["--model", str(saved_model_dir / "config.json"), "x.png"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --model {saved_model_dir / 'config.json'} is a file; pass the folder that holds config.json "
+        f"(e.g. --model {saved_model_dir}).\n"
+    )
+    parent = tmp_path / "runs"  # a folder whose only model is one level down
+    shutil.copytree(saved_model_dir, parent / "model")
+    assert caption_cli.main(["--model", str(parent), "x.png"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --model {parent}: no config.json. Expected a folder written by train_hf.py or "
+        f"save_pretrained. It has one in {parent / 'model'}: pass that folder.\n"
+    )
+
+
+def test_load_failures_are_one_line_without_a_traceback(saved_model_dir, tmp_path, capsys):
+    image = tmp_path / "one.png"
+    random_images(1, seed=23)[0].save(image)
+    folder = tmp_path / "corrupt"
+    shutil.copytree(saved_model_dir, folder)
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    assert caption_cli.main(["--model", str(folder), str(image)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {folder}: cannot load it (") and err.count("\n") == 1
+    assert err.endswith("Expected a folder written by train_hf.py or save_pretrained; re-save it.\n")
+    assert "Traceback" not in err
+    assert caption_cli.main(["--model", str(saved_model_dir), "--device", "nonsense", str(image)]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: --device nonsense: cannot use it (RuntimeError: ")
+    assert err.endswith("Pass cpu, or cuda:N for a GPU that torch sees.")
+
+
+def test_folders_without_images_fail_and_non_images_are_skipped_and_counted(saved_model_dir, tmp_path, capsys):
+    empty, texts = tmp_path / "empty", tmp_path / "texts"
+    empty.mkdir()
+    texts.mkdir()
+    (texts / "readme.txt").write_text("no image")
+    (texts / "notes.md").write_text("no image")
+    suffixes = ".bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp"
+    assert caption_cli.main(["--model", str(saved_model_dir), str(empty)]) == 1
+    assert capsys.readouterr() == (
+        "",
+        f"error: {empty}: no images in this folder (it is empty). Expected files ending in {suffixes}; pass a "
+        "folder that holds images.\n1 input(s) failed; 0 captioned.\n",
+    )
+    assert caption_cli.main(["--model", str(saved_model_dir), str(texts)]) == 1
+    assert capsys.readouterr() == (
+        "",
+        f"error: {texts}: no images in this folder (only 2 other file(s)). Expected files ending in {suffixes}; "
+        "pass a folder that holds images.\n1 input(s) failed; 0 captioned; 2 non-image file(s) skipped (.md, .txt).\n",
+    )
+    # images next to other files: the others are skipped, counted, and not an error
+    random_images(1, seed=24)[0].save(texts / "scene.png")
+    assert caption_cli.main(["--model", str(saved_model_dir), "--max-new-tokens", "3", str(texts)]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(texts / "scene.png")]
+    assert err.endswith("\n1 captioned; 2 non-image file(s) skipped (.md, .txt).\n")
+
+
+def test_error_lines_are_not_printed_into_the_progress_bar(saved_model_dir, tmp_path, capsys):
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    random_images(1, seed=25)[0].save(folder / "a.png")
+    (folder / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 a truncated jpeg")
+    assert caption_cli.main(["--model", str(saved_model_dir), "--max-new-tokens", "3", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "captioning" in err
+    # the bar redraws itself after "\r"; an error line must start a line of its own, not continue the bar's
+    segments = re.split(r"[\r\n]", err)
+    assert [s for s in segments if "cannot read image" in s] == [
+        f"error: {folder / 'b.jpg'}: cannot read image (OSError: Truncated File Read)"
+    ]
+
+
+def test_images_are_decoded_as_in_training(saved_model_dir, tiny_model, processor, tmp_path, capsys):
+    """A 4-band 16-bit TIFF and an EXIF-rotated JPEG give the captions of `load_image`'s pixels."""
+    import tifffile
+
+    rng = np.random.default_rng(26)
+    tiff = tmp_path / "bands.tif"
+    tifffile.imwrite(tiff, (rng.random((72, 80, 4)) ** 3 * 4000).astype(np.uint16))
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(rng.integers(0, 256, (64, 112, 3), dtype=np.uint8)).save(rotated, exif=exif, quality=95)
+    argv = ["--model", str(saved_model_dir), "--format", "jsonl", "--max-new-tokens", "8", str(tiff), str(rotated)]
+    assert caption_cli.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    inputs = processor(images=[load_image(tiff), load_image(rotated)])
+    generated = tiny_model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    expected = processor.post_process_image_text_to_text(generated, input_ids=inputs["input_ids"])
+    assert [row["caption"] for row in rows] == expected

@@ -67,6 +67,10 @@ def test_riscm_test_split_cleans_to_the_reference_exactly(tmp_path):
     assert list(zip(pairs["test"]["image_id"], pairs["test"]["caption"], strict=True)) == reference
     assert "image" not in pairs["test"].column_names
     assert stats["empty_splits"] == ["train", "validation"] and stats["line_ending"] == "CRLF"
+    assert stats["encoding"] == "UTF-8"
+    # RISCM's longest caption has 210 characters: nothing is near the very-long mark of 4 x 143 (99th percentile)
+    assert (stats["long_captions"]["limit"], stats["long_captions"]["captions"]) == (572, 0)
+    assert stats["warnings"] == ["the train split is empty: the table has no train rows (an evaluation-only build)"]
     counts = {row["source"]: row for row in stats["counts"]}
     assert {
         s: (c["images"], c["captions_in"], c["duplicates_removed"], c["empties_removed"], c["pairs_out"])

@@ -143,6 +143,7 @@ def test_score_adds_clip_score_and_writes_the_report(synth_set, tmp_path):
     folder, _ = synth_set
     built = tmp_path / "built"
     build(folder / "captions.csv", built, images=folder / "resized", num_workers=1)
+    listings = {name: (built / name).read_bytes() for name in ("problems.csv", "duplicates.csv")}
     before = datasets.load_from_disk(str(built))
     clip = _tiny_clip(tmp_path / "clip", before["train"]["caption"])
     assert (
@@ -166,6 +167,7 @@ def test_score_adds_clip_score_and_writes_the_report(synth_set, tmp_path):
     assert len(lowest) == 8 and float(lowest[0]["clip_score"]) == pytest.approx(all_scores.min(), abs=1e-4)
     assert "## CLIP screening" in (built / "README.md").read_text()
     assert (built / "grouped" / "dataset_dict.json").is_file() and (built / "csv" / "train.csv").is_file()
+    assert {name: (built / name).read_bytes() for name in listings} == listings  # scoring keeps both listings
 
 
 def test_score_with_a_hub_id_offline_fails_fast(tmp_path):

@@ -123,6 +123,8 @@ def trained(tmp_path_factory, tiny_config, processor):
     processor.save_pretrained(folder)
     write_metrics(folder)
     flags = {"config": "configuration/tiny.json", "learning_rate": 1e-3, "max_steps": 2, "hub_token": FAKE_TOKEN}
+    # train_hf.py records its paths as given, often absolute: none of them may reach the public card
+    flags.update(output_dir=str(folder), dataset="/home/alice/data/riscm_built", text_config="~/configs/text.json")
     (folder / "train_args.json").write_text(json.dumps(flags))
     add_upstream_references(folder)
     return model, folder
@@ -492,3 +494,124 @@ def test_an_auto_map_entry_outside_the_folder_is_refused(tmp_path):
     (tmp_path / "processor_config.json").write_text(json.dumps(nested))
     with pytest.raises(push_to_hub.PushError, match=r"processor_config.json: auto_map entry 'upstream/cnngemma--"):
         push_to_hub.check_auto_maps(tmp_path)
+
+
+def test_the_card_shows_no_local_paths(trained, dry_run):
+    folder, _ = dry_run
+    card = (folder / "README.md").read_text()
+    for local in (str(trained[1]), "/tmp/", "/home/", "~/", os.path.expanduser("~") + "/"):
+        assert local not in card, local
+    for row in (
+        f'| `output_dir` | `"{trained[1].name} (local)"` |',
+        '| `dataset` | `"riscm_built (local)"` |',
+        '| `text_config` | `"text.json (local)"` |',
+        "| `max_steps` | `2` |",
+    ):
+        assert row in card, row
+    # the other uploaded text files hold no local path either
+    for path in folder.iterdir():
+        if path.suffix in (".json", ".jinja", ".py"):
+            assert str(trained[1]) not in path.read_text() and "/tmp/" not in path.read_text(), path.name
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--repo_id", "me/x/y"], "--repo_id 'me/x/y': not of the form 'namespace/name'."),
+        (["--repo_id", "cnngemma"], "--repo_id 'cnngemma': not of the form 'namespace/name'."),
+        (["--repo_id", "me/x--y"], "--repo_id 'me/x--y': not a valid Hub id (Cannot have -- or .. in repo_id"),
+        (["--dataset_dir", "d", "--dataset_repo_id", "me/ riscm"], "--dataset_repo_id 'me/ riscm': not a valid Hub"),
+        (["--all", "runs", "--index_repo_id", "https://hf.co/me/x"], "--index_repo_id 'https://hf.co/me/x': not of"),
+        (["--all", "runs", "--namespace", "me/org"], "--namespace 'me/org': a namespace is a user or organisation"),
+    ],
+)
+@pytest.mark.parametrize("dry_run_flag", [True, False])
+def test_repo_ids_are_checked_when_the_flags_are_read(tmp_path, capsys, flags, expected, dry_run_flag):
+    argv = [*flags, *(["--model_dir", tmp_path / "model"] if "--repo_id" in flags else [])]
+    argv += ["--dry_run", tmp_path / "dry"] if dry_run_flag else ["--token", FAKE_TOKEN]
+    api = StandInApi()
+    with pytest.raises(SystemExit) as exit_info:
+        push_to_hub.main([str(a) for a in argv], api=api)
+    assert exit_info.value.code == 2 and api.calls == [] and not (tmp_path / "dry").exists()
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"push_to_hub.py: error: {expected}")
+
+
+def test_repo_id_messages(capsys):
+    with pytest.raises(SystemExit):
+        push_to_hub.parse_args(["--model_dir", "m", "--repo_id", "me/x/y"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "push_to_hub.py: error: --repo_id 'me/x/y': not of the form 'namespace/name'. Expected e.g. --repo_id "
+        "user/cnngemma-mobilenet-single."
+    )
+    with pytest.raises(SystemExit):
+        push_to_hub.parse_args(["--all", "runs", "--namespace", "me/org"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "push_to_hub.py: error: --namespace 'me/org': a namespace is a user or organisation name, without '/'. "
+        "Expected e.g. --namespace user-or-org."
+    )
+
+
+def test_a_failed_dry_run_removes_the_folders_it_created(trained, tmp_path):
+    folder = trained[1]
+    # an expected error (no metrics.json): the new folder, and the parents this run made, are removed
+    no_metrics = tmp_path / "no-metrics"
+    shutil.copytree(folder, no_metrics)
+    (no_metrics / "metrics.json").unlink()
+    code, _, stderr = run_main(["--model_dir", no_metrics, "--dry_run", tmp_path / "new" / "dry"])
+    assert code == 1 and stderr == (
+        f"push_to_hub.py: error: --model_dir {no_metrics}: no metrics.json. Expected the test evaluation train_hf.py "
+        "writes.\n"
+    )
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_unexpected_error_in_a_dry_run_is_one_line_and_removes_the_folder(trained, tmp_path, monkeypatch):
+    folder = trained[1]
+
+    # fails after the weights were written
+    def broken(out):
+        assert (out / "config.json").is_file()  # the folder is half-written when this fails
+        raise RuntimeError("disk trouble")
+
+    monkeypatch.setattr(push_to_hub, "check_auto_maps", broken)
+    code, stdout, stderr = run_main(["--model_dir", folder, "--dry_run", tmp_path / "dry"])
+    assert code == 1 and stdout == ""
+    assert stderr == (
+        "push_to_hub.py: error: unexpected RuntimeError: disk trouble. Nothing was sent. Fix: check that each folder "
+        "passed (--model_dir, --all, --dataset_dir) is a complete train_hf.py or dataset_builder output.\n"
+    )
+    assert not (tmp_path / "dry").exists()
+    # a folder that was there (empty) stays, emptied again; a non-empty one is never touched
+    (tmp_path / "kept").mkdir()
+    code, _, _ = run_main(["--model_dir", folder, "--dry_run", tmp_path / "kept"])
+    assert code == 1 and list((tmp_path / "kept").iterdir()) == []
+    (tmp_path / "kept" / "mine.txt").write_text("keep me")
+    code, _, stderr = run_main(["--model_dir", folder, "--dry_run", tmp_path / "kept"])
+    assert code == 1 and "exists and is not empty" in stderr
+    assert (tmp_path / "kept" / "mine.txt").read_text() == "keep me"
+
+
+def test_the_token_scan_reads_in_chunks_and_finds_a_token_across_a_boundary(tmp_path, monkeypatch):
+    monkeypatch.setattr(push_to_hub, "SCAN_CHUNK_SIZE", 64, raising=False)
+    token = FAKE_TOKEN.encode()
+    # upload() scans without reading whole files (shards can be 5 GB), and refuses before any request
+    upload_dir = tmp_path / "upload"
+    upload_dir.mkdir()
+    (upload_dir / "model.safetensors").write_bytes(b"\0" * 100 + token + b"\0" * 100)  # spans chunks 1 and 2
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read_bytes({self.name}) reads a whole file"))
+        api = StandInApi()
+        args = push_to_hub.parse_args(["--model_dir", "m", "--repo_id", "me/x"])
+        with pytest.raises(push_to_hub.PushError) as error:
+            push_to_hub.upload(api, FAKE_TOKEN, upload_dir, "me/x", args, "message")
+    assert str(error.value) == (
+        "model.safetensors contains the Hub token; refusing to upload. Nothing was sent. Fix: remove the token from "
+        "that file in the model folder (e.g. a saved `token=` argument) and rerun."
+    )
+    assert api.calls == [] and FAKE_TOKEN not in str(error.value)
+    path = tmp_path / "shard.bin"
+    for offset in range(0, 140):  # every split of the token over two (or three) chunks
+        path.write_bytes(b"x" * offset + token + b"y" * 50)
+        assert push_to_hub.contains(path, token), offset
+        path.write_bytes(b"x" * offset + token[:-1] + b"y" * 50)
+        assert not push_to_hub.contains(path, token), offset

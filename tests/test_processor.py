@@ -5,12 +5,13 @@ import pytest
 import torch
 from conftest import random_images, synthetic_captions
 from PIL import Image
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 from transformers.image_utils import PILImageResampling
 
 from modeling_cnngemma import CNNGemmaImageProcessor, CNNGemmaProcessor, build_caption_tokenizer
 
-MODES = ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "1"]
+MODES = ["1", "CMYK", "F", "HSV", "I", "I;16", "I;16B", "I;16L", "I;16N", "L", "LA", "La", "LAB", "P", "PA", "RGB"]
+MODES += ["RGBA", "RGBa", "RGBX", "YCbCr"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -18,6 +19,8 @@ def test_every_pil_mode_becomes_normalised_rgb(mode, processor):
     base = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
     if mode == "I;16":
         image = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)  # uint16 -> I;16
+    elif mode.startswith("I;16"):
+        image = base.convert("L").convert(mode)
     else:
         image = base.convert(mode)
     assert image.mode == mode
@@ -26,11 +29,17 @@ def test_every_pil_mode_becomes_normalised_rgb(mode, processor):
     assert torch.isfinite(pixel_values).all()
 
 
-def test_sixteen_bit_is_scaled_not_clipped():
+def test_sixteen_bit_is_stretched_2_to_98_percent_as_the_dataset_stores_it():
+    # dataset_builder stores 16-bit images with this per-band stretch: dividing by 65535 instead would make 12-bit
+    # sensor data (0..4095) nearly black at caption time
     image_processor = CNNGemmaImageProcessor(size=32, image_mean=[0, 0, 0], image_std=[1, 1, 1])
-    grey = np.full((32, 32), 128 * 257, dtype=np.uint16)  # mid-grey in 16 bits
+    grey = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 4  # 12-bit data, 0..4092
     pixel_values = image_processor(Image.fromarray(grey))["pixel_values"]
-    torch.testing.assert_close(pixel_values, torch.full((1, 3, 32, 32), 128 / 255))
+    low, high = np.percentile(grey.astype(np.float32), [2, 98])
+    expected = (np.clip((grey - low) / (high - low), 0, 1) * 255 + 0.5).astype(np.uint8)
+    torch.testing.assert_close(pixel_values, torch.from_numpy(expected / np.float32(255)).expand(1, 3, 32, 32))
+    flat = image_processor(Image.fromarray(np.full((8, 8), 128 * 257, dtype=np.uint16)))["pixel_values"]
+    assert flat.abs().max() == 0  # one value has no 2-98 range: black, as the builder stores it
 
 
 def test_resize_keeps_the_whole_image_no_centre_crop():
@@ -117,12 +126,25 @@ def test_text_with_image_token_is_refused(processor):
         ({"text": ["a", "b", "c"]}, "Got 3 text entries for 2 images; pass one per image."),
         ({"suffix": "one caption"}, "Got one suffix string for 2 images; pass a list with one suffix per image."),
         ({"images": None}, "CNNGemmaProcessor needs images: one PIL image or a list with one image per sample."),
+        ({"images": []}, "CNNGemmaProcessor got an empty list of images; pass at least one image, one per sample."),
     ],
 )
 def test_mismatched_inputs_are_refused(processor, kwargs, message):
     kwargs = {"images": random_images(2), **kwargs}
     with pytest.raises(ValueError) as error:
         processor(**kwargs)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("num_beams", [0, -2])
+def test_generate_refuses_fewer_than_one_beam_by_name(tiny_model, processor, num_beams):
+    inputs = processor(images=random_images(1))
+    message = f"num_beams={num_beams}: expected an integer >= 1 (1 is greedy decoding)."
+    with pytest.raises(ValueError) as error:  # transformers itself would raise ZeroDivisionError
+        tiny_model.generate(**inputs, num_beams=num_beams, max_new_tokens=2)
+    assert str(error.value) == message
+    with pytest.raises(ValueError) as error:
+        tiny_model.generate(**inputs, generation_config=GenerationConfig(num_beams=num_beams, max_new_tokens=2))
     assert str(error.value) == message
 
 

@@ -268,7 +268,7 @@ def wrong_columns_dataset(tmp_path_factory):
         ),
         (["--batch_size", "0"], "error: --batch_size 0 is out of range; expected >= 1."),
         (["--lora_dropout", "1.5"], "error: --lora_dropout 1.5 is out of range; expected in [0, 1)."),
-        (["--learning_rate", "-1"], "error: --learning_rate -1.0 is out of range; expected > 0."),
+        (["--learning_rate", "-1"], "error: --learning_rate -1.0 is out of range; expected a finite number > 0."),
         (["--save_adapter_only"], "error: --save_adapter_only needs LoRA: set --lora_r > 0."),
         (
             ["--config", "{tmp}/nope.json"],
