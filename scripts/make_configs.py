@@ -27,11 +27,45 @@ TINY_TEXT_CONFIG = {
     "max_position_embeddings": 512,
 }
 
+# Gemma 3 270M (google/gemma-3-270m) as its config.json publishes it: 5 sliding-window layers to 1 global one,
+# RoPE base 1M on the global layers and 10k on the sliding ones, embeddings tied to the head.
+GEMMA3_270M_TEXT_CONFIG = {
+    "model_type": "gemma3_text",
+    "hidden_size": 640,
+    "num_hidden_layers": 18,
+    "intermediate_size": 2048,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "vocab_size": 262144,
+    "max_position_embeddings": 32768,
+    "sliding_window": 512,
+    "query_pre_attn_scalar": 256,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    },
+    "tie_word_embeddings": True,
+}
+# The Gemma 3 tokenizer has 262,145 tokens (the 262,144 embedded ones and `<image_soft_token>`) and no `<image>`:
+# from_backbones appends `<image>` as id 262145 and resizes the embeddings to 262,146 rows. The shipped configs
+# are that result, as the 2B ones are PaliGemma's vocabulary with its `<image>`.
+GEMMA3_TOKENIZER_SIZE = 262145
+GEMMA3_270M = {
+    "text_config": {**GEMMA3_270M_TEXT_CONFIG, "vocab_size": GEMMA3_TOKENIZER_SIZE + 1},
+    "image_token_id": GEMMA3_TOKENIZER_SIZE,
+}
+
 VARIANTS = {
     "mobilenet_single": {"vision_model_name": "mobilenetv3_large_100", "token_mode": "single"},
     "mobilenet_multi": {"vision_model_name": "mobilenetv3_large_100", "token_mode": "multi"},
     "efficientnet_single": {"vision_model_name": "efficientnet_b0", "token_mode": "single"},
     "efficientnet_multi": {"vision_model_name": "efficientnet_b0", "token_mode": "multi"},
+    "mobilenet_single_270m": {"vision_model_name": "mobilenetv3_large_100", "token_mode": "single", **GEMMA3_270M},
+    "mobilenet_multi_270m": {"vision_model_name": "mobilenetv3_large_100", "token_mode": "multi", **GEMMA3_270M},
+    "efficientnet_single_270m": {"vision_model_name": "efficientnet_b0", "token_mode": "single", **GEMMA3_270M},
+    "efficientnet_multi_270m": {"vision_model_name": "efficientnet_b0", "token_mode": "multi", **GEMMA3_270M},
     "tiny": {
         "vision_model_name": "mobilenetv3_small_050",
         "image_size": 128,
@@ -43,7 +77,7 @@ VARIANTS = {
 
 
 def build_configs() -> dict[str, CNNGemmaConfig]:
-    """The five shipped configs; the four full ones are the timm encoder at 224 px + PaliGemma-3B's Gemma-2B."""
+    """The shipped configs: the timm encoder at 224 px + PaliGemma-3B's Gemma-2B or Gemma 3 270M, and `tiny`."""
     return {name: CNNGemmaConfig(**{"image_size": 224, **kwargs}) for name, kwargs in VARIANTS.items()}
 
 
@@ -99,8 +133,14 @@ What `CNNGemmaConfig.to_json_file()` writes for each shipped variant; regenerate
 `python scripts/make_configs.py` (a test fails when a file is out of date). Model shape lives here;
 learning rates, steps and LoRA settings are `train_hf.py` flags.
 
-- The four full configs are the report's variants: a timm ImageNet CNN at 224 px and the Gemma-2B decoder of
+- The four Gemma-2B configs are the report's variants: a timm ImageNet CNN at 224 px and the Gemma-2B decoder of
   PaliGemma-3B (vocabulary 257,216 with `<image>` = 257152).
+- The four `_270m` configs are the same encoders with the Gemma 3 270M decoder (`google/gemma-3-270m`: 18 layers,
+  640 wide, 5 sliding-window layers of 512 tokens to 1 global, RoPE base 1M global / 10k local), for CPUs and small
+  GPUs. Its tokenizer has 262,145 tokens (the 262,144 embedded ones and `<image_soft_token>`) and no `<image>`:
+  `from_backbones` appends `<image>` as id 262145 and resizes the embeddings to 262,146 rows, so the configs say
+  vocabulary 262,146 with `<image>` = 262145 (what loading the checkpoint gives, as PaliGemma's vocabulary is for
+  the 2B configs).
 - `tiny.json` is for tests and the CPU demo: `mobilenetv3_small_050` at 128 px (a 4x4 map, 16 tokens) and a
   2-layer, 128-wide Gemma with a 1,024-token vocabulary (`<image>` = 4, see `build_caption_tokenizer`).
 

@@ -11,12 +11,17 @@ from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration
 
 TINY_TEXT = json.loads((REPO_ROOT / "configuration" / "tiny.json").read_text())["text_config"]
 
-# (file, encoder, tokens per image, feature dim): the report's four variants and the tiny test config
+# (file, encoder, tokens per image, feature dim): the report's four variants, their Gemma 3 270M twins and the
+# tiny test config
 SHIPPED = [
     ("mobilenet_single", "mobilenetv3_large_100", 1, 960),
     ("mobilenet_multi", "mobilenetv3_large_100", 49, 960),
     ("efficientnet_single", "efficientnet_b0", 1, 1280),
     ("efficientnet_multi", "efficientnet_b0", 49, 1280),
+    ("mobilenet_single_270m", "mobilenetv3_large_100", 1, 960),
+    ("mobilenet_multi_270m", "mobilenetv3_large_100", 49, 960),
+    ("efficientnet_single_270m", "efficientnet_b0", 1, 1280),
+    ("efficientnet_multi_270m", "efficientnet_b0", 49, 1280),
     ("tiny", "mobilenetv3_small_050", 16, 288),
 ]
 
