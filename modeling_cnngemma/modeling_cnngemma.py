@@ -92,7 +92,7 @@ class CNNGemmaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # decode steps; the prefill with the CNN runs eagerly
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # A config loaded from the Hub carries "owner/repo--module.Class" entries: point them at the saved files.
@@ -144,6 +144,11 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
             )
         return image_mask
 
+    @staticmethod
+    def _is_eager_prefill(cache: Cache | None) -> bool:
+        """True on a first, uncompiled call. Compiled decode steps skip the checks that would need the host."""
+        return not torch.compiler.is_compiling() and (cache is None or cache.get_seq_length() == 0)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -157,7 +162,6 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
     ) -> CNNGemmaModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
-        is_prefill = cache is None or cache.get_seq_length() == 0
 
         # 1. text embeddings (Gemma multiplies by sqrt(hidden_size) inside embed_tokens; image features are not scaled)
         if inputs_embeds is None:
@@ -171,15 +175,18 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask = self.get_placeholder_mask(input_ids, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
-        elif is_prefill and input_ids is not None and (input_ids == self.config.image_token_id).any():
+        elif (
+            input_ids is not None and self._is_eager_prefill(cache) and (input_ids == self.config.image_token_id).any()
+        ):
             raise ValueError(
                 "input_ids contain `<image>` placeholders but no pixel_values were given; pass the images that the "
                 "processor built these inputs for."
             )
 
-        # 3. positions count real tokens only, so a left-padded row sees the same positions as when alone
-        if position_ids is None and attention_mask is not None and is_prefill:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # 3. positions count real tokens only, so a left-padded row sees the same positions as when alone (generate
+        # passes its own, computed the same way; the mask covers the cached tokens too, so the last ones are ours)
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
 
         # 4. the decoder, causal over the whole sequence
         outputs = self.language_model(
