@@ -40,25 +40,26 @@ def plot_encoders(result: dict, path: Path, title_suffix: str = "") -> Path:
 
 
 def plot_captioning(result: dict, path: Path, title_suffix: str = "") -> Path:
-    batches = result["settings"]["batch_sizes"]
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 3.6), squeeze=False)
-    for ax, batch in zip(axes[0], batches, strict=True):
-        rows = [r for r in result["rows"] if r["batch_size"] == batch]
+    panels = list(dict.fromkeys((r["lm_size"], r["batch_size"]) for r in result["rows"]))
+    height = max(len([r for r in result["rows"] if (r["lm_size"], r["batch_size"]) == p]) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.4 * height + 1.8), squeeze=False)
+    for ax, (lm_size, batch) in zip(axes[0], panels, strict=True):
+        rows = [r for r in result["rows"] if (r["lm_size"], r["batch_size"]) == (lm_size, batch)]
         left = [0.0] * len(rows)
         for phase, colour in PHASE_COLOURS.items():
-            widths = [r["split_s"][phase]["median"] for r in rows]
+            widths = [r["split_s"][phase] for r in rows]
             ax.barh(range(len(rows)), widths, left=left, color=colour, label=phase)
             left = [a + b for a, b in zip(left, widths, strict=True)]
         for i, row in enumerate(rows):
             ax.text(left[i] * 1.02, i, f"{row['captions_per_s']['median']:.2f} cap/s", va="center", fontsize=8)
-        ax.set_yticks(range(len(rows)), [r["model"] for r in rows], fontsize=8)
+        ax.set_yticks(range(len(rows)), [f"{r['model']} ({r['path']})" for r in rows], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, max(left) * 1.35)
         ax.set_xlabel("seconds per batch (median)")
-        ax.set_title(f"batch {batch}", fontsize=10)
-    axes[0][0].legend(fontsize=8, loc="upper right")  # the baseline, the longest bar, is at the bottom
+        ax.set_title(f"LM {lm_size}, batch {batch}", fontsize=10)
+    axes[0][0].legend(fontsize=8, loc="upper right")
     settings = result["settings"]
-    fig.suptitle(f"Captioning, LM {settings['lm_size']}, {settings['new_tokens']} new tokens{title_suffix}")
+    fig.suptitle(f"Captioning, {settings['new_tokens']} new tokens{title_suffix}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

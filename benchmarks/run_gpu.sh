@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU benchmark run as one prepared script: the report's Table I protocol and the end-to-end sections on a GPU.
+# The GPU benchmark run as one prepared script that fits a 15-minute device lease (start-up included).
 #
-#   bash benchmarks/run_gpu.sh [STEP ...]        # default: every step below, in order; results in results/gpu/
+#   bash benchmarks/run_gpu.sh [STEP ...]        # default: e2e_2b_min e2e_270m e2e_2b_rest; results in results/gpu/
 #
 # Steps (each one `python -m benchmarks` run, stopped after its time limit so that one slow step cannot eat the rest):
-#   fp32          encoders, fp32, batch 32: the report's protocol (100 timed runs), for the table beside its Table I
-#   bf16          all three sections in bf16, batch 32 (CNNGemma's channels_last input on, as by default)
-#   bf16_b256     encoders, bf16, batch 256
-#   compile_b32   encoders, bf16, torch.compile, batch 32
-#   compile_b256  encoders, bf16, torch.compile, batch 256
+#   e2e_2b_min    captioning, Gemma-2B, bf16: mobilenet_single vs the PaliGemma design, batches 1/32/256, eager and
+#                 compiled (12 cells: the minimum that counts)
+#   e2e_270m      captioning, Gemma 3 270M, bf16: every model, batches 1/32/256, both paths
+#   e2e_2b_rest   captioning, Gemma-2B, bf16: the other three variants (and the baseline again, for same-run ratios)
+#   fp32 bf16 bf16_b256 compile_b32 compile_b256   the earlier encoder/all runs (not run by default)
 # After each step the results so far are packed into $ARCHIVE (default $RESULTS.tgz), so a stopped run keeps them.
 # EXTRA is appended to every step: EXTRA="--quick --device cpu" is a dry run of the script in seconds, and then
 # RESULTS defaults to outputs/benchmarks-quick/gpu (git-ignored): a dry run never replaces the committed results.
@@ -24,8 +24,14 @@ fi
 ARCHIVE=${ARCHIVE:-$RESULTS.tgz}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-declare -A LIMIT=([fp32]=150 [bf16]=300 [bf16_b256]=150 [compile_b32]=330 [compile_b256]=300)
+STEPS="e2e_2b_min e2e_270m e2e_2b_rest fp32 bf16 bf16_b256 compile_b32 compile_b256"
+E2E="captioning --dtype bf16 --paths eager compiled --caption-batch-sizes 1 32 256 --caption-rounds 5"
+declare -A LIMIT=([e2e_2b_min]=330 [e2e_270m]=240 [e2e_2b_rest]=180
+    [fp32]=150 [bf16]=300 [bf16_b256]=150 [compile_b32]=330 [compile_b256]=300)
 declare -A ARGS=(
+    [e2e_2b_min]="$E2E --lm-size 2b --models mobilenet_single paligemma_so400m"
+    [e2e_270m]="$E2E --lm-size 270m"
+    [e2e_2b_rest]="$E2E --lm-size 2b --models mobilenet_multi efficientnet_single efficientnet_multi paligemma_so400m"
     [fp32]="encoders --dtype fp32 --batch-size 32"
     [bf16]="all --dtype bf16 --batch-size 32"
     [bf16_b256]="encoders --dtype bf16 --batch-size 256"
@@ -33,10 +39,10 @@ declare -A ARGS=(
     [compile_b256]="encoders --dtype bf16 --compile --batch-size 256"
 )
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(fp32 bf16 bf16_b256 compile_b32 compile_b256)
+[ ${#steps[@]} -eq 0 ] && steps=(e2e_2b_min e2e_270m e2e_2b_rest)
 for step in "${steps[@]}"; do  # before any work: a typo must not cost a GPU lease
     if [ -z "${ARGS[$step]:-}" ]; then
-        echo "run_gpu.sh: unknown step '$step'; expected any of: fp32 bf16 bf16_b256 compile_b32 compile_b256" >&2
+        echo "run_gpu.sh: unknown step '$step'; expected any of: $STEPS" >&2
         exit 2
     fi
 done

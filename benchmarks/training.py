@@ -82,10 +82,11 @@ def run(args, device, log=print) -> dict:
 
     dtype = args.torch_dtype
     log(
-        f"training: LM {args.lm_size}, batch {args.train_batch_size} (baseline {args.baseline_train_batch_size}), "
+        f"training: LM {args.lm_size[0]}, batch {args.train_batch_size} (baseline {args.baseline_train_batch_size}), "
         f"{args.caption_tokens} caption tokens, {args.train_rounds} rounds"
     )
-    language_model = build_language_model(args.lm_size).to(device, dtype)
+    lm_size = args.lm_size[0]  # training times one decoder: the first of --lm-size
+    language_model = build_language_model(lm_size).to(device, dtype)
     language_model.requires_grad_(False)
     models = build_models(args, language_model, device, dtype)
     vocab_size = language_model.config.vocab_size
@@ -123,7 +124,7 @@ def run(args, device, log=print) -> dict:
             )
     return {
         "settings": {
-            "lm_size": args.lm_size,
+            "lm_size": lm_size,
             "batch_size": args.train_batch_size,
             "baseline_batch_size": args.baseline_train_batch_size,
             "caption_tokens": args.caption_tokens,

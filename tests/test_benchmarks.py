@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -77,16 +78,25 @@ def test_encoder_rows_and_ratios(quick_run):
 def test_captioning_rows_cover_every_model_and_batch(quick_run):
     _, results = quick_run
     cap = results["captioning"]
-    assert {(r["model"], r["batch_size"]) for r in cap["rows"]} == {(m, b) for m in MODELS for b in (1, 2)}
+    assert cap["settings"]["paths"] == ["eager"]  # the CPU default
+    assert {(r["model"], r["batch_size"], r["path"]) for r in cap["rows"]} == {
+        (m, b, "eager") for m in MODELS for b in (1, 2)
+    }
     for row in cap["rows"]:
-        assert _is_summary(row["captions_per_s"])
-        assert row["latency_s"]["p50"] <= row["latency_s"]["p95"]
-        assert set(row["split_s"]) == {"vision", "prefill", "decode"}
-        assert row["split_s"]["vision"]["median"] > 0 and row["split_s"]["decode"]["median"] > 0
-        assert row["peak_memory_mb"] is not None
+        _check_caption_row(row)
     assert {r["num_image_tokens"] for r in cap["rows"] if r["model"] == "mobilenet_single"} == {1}
-    assert set(cap["summary"]["1"]) == set(VARIANTS)
-    assert {"variant", "batch_size", "speedup", "measured", "met"} <= set(cap["summary"]["target"])
+    assert set(cap["summary"]["tiny/1"]["eager"]) == MODELS
+    assert cap["summary"]["tiny/1"]["eager"][BASELINE] == {"path": "eager", "speedup": 1.0, "ttft_ratio": 1.0}
+    assert [t["measured"] for t in cap["summary"]["targets"]] == [None] * 6  # tiny shapes check no target
+
+
+def _check_caption_row(row):
+    assert _is_summary(row["captions_per_s"]) and _is_summary(row["ttft_s"])
+    assert row["runs"] == row["captions_per_s"]["n"] >= 1
+    assert row["latency_s"]["p95"] is None if row["runs"] < 5 else row["latency_s"]["p50"] <= row["latency_s"]["p95"]
+    assert set(row["split_s"]) == {"vision", "prefill", "decode"}
+    assert row["split_s"]["vision"] > 0 and min(row["split_s"].values()) >= 0
+    assert row["first_call_s"] > 0 and row["peak_memory_mb"] is not None
 
 
 def test_training_rows_cover_every_model_and_policy(quick_run):
@@ -174,7 +184,8 @@ def test_all_on_cpu_shrinks_the_batches_that_siglip_makes_slow_and_flags_still_w
 
     alone = parse_args(["captioning", "--device", "cpu"])
     together = parse_args(["all", "--device", "cpu"])
-    assert alone.caption_batch_sizes == CPU_DEFAULTS["caption_batch_sizes"] == [1, 32]
+    assert alone.caption_batch_sizes == CPU_DEFAULTS["caption_batch_sizes"] == [1, 8, 32]
+    assert (alone.lm_size, alone.paths, alone.caption_budget_s) == (["270m"], ["eager"], 30.0)
     assert together.caption_batch_sizes == CPU_ALL["caption_batch_sizes"] == [1, 8]
     assert (together.train_batch_size, together.baseline_train_batch_size) == (4, 2)
     assert together.batch_size == alone.batch_size == 32  # the encoders keep the report's protocol
@@ -189,18 +200,26 @@ def test_gpu_script_refuses_an_unknown_step_before_doing_any_work(tmp_path):
     done = subprocess.run(["bash", str(script), "fp32", "bf61"], capture_output=True, text=True, env=env)
     assert done.returncode == 2
     assert done.stderr == (
-        "run_gpu.sh: unknown step 'bf61'; expected any of: fp32 bf16 bf16_b256 compile_b32 compile_b256\n"
+        "run_gpu.sh: unknown step 'bf61'; expected any of: e2e_2b_min e2e_270m e2e_2b_rest fp32 bf16 bf16_b256 "
+        "compile_b32 compile_b256\n"
     )
     assert list(tmp_path.iterdir()) == []
 
 
-def test_gpu_script_dry_run_writes_outside_results(tmp_path):
-    """EXTRA="--quick ..." moves the script's default RESULTS to the git-ignored outputs/ (the interpreter is `true`
-    here: this checks where the script writes, not the benchmark)."""
+def test_gpu_script_dry_run_on_cpu_measures_both_paths_and_writes_outside_results(tmp_path):
+    """The GPU script's minimum step, dry-run on CPU (EXTRA="--quick --device cpu": tiny shapes, and the compiled
+    path traced whole by dynamo with the eager backend). It writes to the git-ignored outputs/, never to results/."""
     script = ROOT / "benchmarks" / "run_gpu.sh"
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": "true", "EXTRA": "--quick --device cpu"}
-    done = subprocess.run(["bash", str(script), "fp32"], cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "outputs" / "benchmarks-quick" / "gpu" / "gpu_fp32.log").exists()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EXTRA": "--quick --device cpu"}
+    done = subprocess.run(["bash", str(script), "e2e_2b_min"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results_dir = tmp_path / "outputs" / "benchmarks-quick" / "gpu"
+    assert "=== e2e_2b_min: exit 0 after" in (results_dir / "gpu_e2e_2b_min.log").read_text()
     assert (tmp_path / "outputs" / "benchmarks-quick" / "gpu.tgz").exists()
     assert not (tmp_path / "results").exists()
+    cap = json.loads((results_dir / "benchmarks_gpu_e2e_2b_min.json").read_text())["captioning"]
+    assert {(r["model"], r["path"], r["batch_size"]) for r in cap["rows"]} == {
+        (m, p, b) for m in ("mobilenet_single", BASELINE) for p in ("eager", "compiled") for b in (1, 2)
+    }
+    for row in cap["rows"]:
+        _check_caption_row(row)
