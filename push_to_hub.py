@@ -267,6 +267,15 @@ def hub_ids(values) -> list[str]:
     return [v for v in values if isinstance(v, str) and not repo_id_problem(v) and not os.path.exists(v)]
 
 
+def local_dataset_name(train_args: dict) -> str:
+    """What the scores were measured on when no Hub dataset is named: never "RISCM" unless the run says so."""
+    if train_args.get("dataset"):
+        return f"local dataset {Path(str(train_args['dataset'])).name}"
+    if train_args.get("synth_images"):
+        return "synthetic demo set"
+    return "unrecorded dataset"
+
+
 def card_data(facts: dict, args):
     """The card's metadata (`ModelCardData`, with the scores as model-index results) and whether Gemma is inside."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -283,7 +292,7 @@ def card_data(facts: dict, args):
         cfg = timm.get_pretrained_cfg(config.vision_model_name)
         base_models += [cfg.hf_hub_id] if cfg is not None and cfg.hf_hub_id else []
     datasets = list(args.datasets or hub_ids([train_args.get("dataset"), args.dataset_repo_id]))
-    dataset_name = datasets[0] if datasets else "RISCM"
+    dataset_name = datasets[0] if datasets else local_dataset_name(train_args)
     split = str(metrics.get("split", "test"))
     results = [
         EvalResult(
@@ -360,7 +369,10 @@ def model_card(facts: dict, args):
         vocab_size=f"{config.text_config.vocab_size:,}",
         num_parameters=f"{facts['num_parameters']:,}",
         merged_lora=facts["merged_lora"],
-        trained_on=", ".join(f"`{name}`" for name in data.datasets or []) or "a local dataset",
+        trained_on=", ".join(f"`{name}`" for name in data.datasets or []) or local_dataset_name(facts["train_args"]),
+        synthetic=not data.datasets
+        and not facts["train_args"].get("dataset")
+        and facts["train_args"].get("synth_images"),
         settings="\n".join(
             f"| `{key}` | `{json.dumps(public_value(value))}` |" for key, value in sorted(train_args.items())
         ),

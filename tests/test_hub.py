@@ -615,3 +615,16 @@ def test_the_token_scan_reads_in_chunks_and_finds_a_token_across_a_boundary(tmp_
         assert push_to_hub.contains(path, token), offset
         path.write_bytes(b"x" * offset + token[:-1] + b"y" * 50)
         assert not push_to_hub.contains(path, token), offset
+
+
+def test_the_card_of_a_synthetic_demo_run_names_the_synthetic_set_not_riscm(trained, tmp_path):
+    """train_hf.py's demo records `dataset: null, synth_images: N`: its scores must not be published as RISCM's."""
+    folder = tmp_path / "demo"
+    shutil.copytree(trained[1], folder)
+    (folder / "train_args.json").write_text(json.dumps({"dataset": None, "synth_images": 48, "max_steps": 2}))
+    code, _, stderr = run_main(["--model_dir", folder, "--repo_id", "me/demo", "--dry_run", tmp_path / "upload"])
+    assert code == 0, stderr
+    card = (tmp_path / "upload" / "README.md").read_text()
+    assert "name: synthetic demo set (test)" in card and "type: synthetic demo set" in card
+    assert "on the synthetic demo set\n(`dataset_builder.synth`" in card
+    assert "RISCM (test)" not in card and "RISCM-style caption data" not in card
