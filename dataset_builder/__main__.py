@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from .tables import SPLIT_ALIASES
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `error: ...`, exit status 2."""
@@ -55,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     build.add_argument(
         "--split",
-        help="split of every row, for a long-layout table without a split column (train, val, test; validation = val)",
+        choices=list(SPLIT_ALIASES),
+        help="split of every row, for a long-layout table without a split column (validation = val)",
     )
     build.add_argument(
         "--source", help="source name for a long-layout table without a source column (default: unknown)"

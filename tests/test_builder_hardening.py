@@ -186,6 +186,7 @@ def test_the_fix_an_encoding_error_suggests_keeps_the_input_and_works(tmp_path, 
         (["--num-workers", "0"], "argument --num-workers: got 0, expected a whole number >= 1. Fix: pass 1 or more"),
         (["--num-workers", "-2"], "argument --num-workers: got -2, expected a whole number >= 1. Fix: pass 1 or"),
         (["--num-workers", "two"], "argument --num-workers: got 'two', expected a whole number >= 1. Fix: pass a"),
+        (["--split", "foo"], "argument --split: invalid choice: 'foo' (choose from 'train', 'val', 'validation',"),
     ],
 )
 def test_build_numbers_out_of_range_fail_before_any_work(tmp_path, capsys, argv, message):
