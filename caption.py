@@ -4,7 +4,8 @@
 
 Unreadable images get an error line naming the file; the rest are captioned and the exit code is 1 at the end.
 Folders are searched for image files; other files there are skipped and counted. Images are decoded by
-`load_image`, as in training.
+`load_image`, as in training. `--quantize int8` decodes faster on CPU, with captions that may differ (`quantize_int8`);
+`--compile` runs transformers' compiled static-cache decoding, with the same captions (`compiled_generation`).
 """
 
 import argparse
@@ -43,10 +44,26 @@ def parse_args(argv=None):
     parser.add_argument(
         "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available)."
     )
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: int8 weights in the decoder and its head, CPU only; faster, captions may differ (default: none).",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Static KV cache and compiled decode steps: the same captions after a one-off compile. Not the default: "
+        "on CPU it measured slower (benchmarks/README.md); greedy only.",
+    )
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.quantize == "int8" and args.device is not None and not args.device.startswith("cpu"):
+        parser.error(f"--quantize int8 runs on CPU only, got --device {args.device}. Pass --device cpu or drop it.")
+    if args.compile and (args.quantize != "none" or args.num_beams > 1):
+        parser.error("--compile goes with greedy fp32 decoding only; drop --quantize and --num-beams, or --compile.")
     return args
 
 
@@ -145,6 +162,44 @@ def load(model_name: str, revision: str | None, device: str):
     return model.eval(), processor
 
 
+def quantize_int8(model):
+    """Int8 weights, per output channel, in the decoder's and the head's Linear layers, with activations quantized
+    on the fly (torch's dynamic quantization); in place, CPU only, for inference, not for `save_pretrained`.
+
+        model = quantize_int8(AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True))
+    """
+    import warnings
+
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ModelError(
+            f"quantize_int8: the model is on {device}, but int8 decoding runs on CPU only (torch's dynamic "
+            "quantization has no kernels for other devices). Move it with model.cpu() first, or do not quantize."
+        )
+    # The head gets its own int8 copy of the tied embedding matrix, the largest weight read at each step; the
+    # input embeddings stay fp32.
+    spec = {"model.language_model": per_channel_dynamic_qconfig, "lm_head": per_channel_dynamic_qconfig}
+    with warnings.catch_warnings():
+        # torch marks this API deprecated in favour of torchao, whose int8 path is slower than fp32 here without
+        # torch.compile; the warnings are about its future, not about this model.
+        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
+        return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+
+
+def compiled_generation(backend: str = "inductor") -> dict:
+    """`generate` arguments for the compiled path: a static KV cache, and decode steps that transformers compiles
+    whole (`fullgraph=True`) on any device. The prefill, where the CNN runs, stays eager."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, backend=backend)
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 def first_line(error: Exception, limit: int = 300) -> str:
     text = (str(error).strip().splitlines() or [""])[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -178,12 +233,26 @@ def main(argv=None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() and args.quantize == "none" else "cpu")
     try:
         model, processor = load(args.model, args.revision, device)
+        if args.quantize == "int8":
+            model = quantize_int8(model)
     except ModelError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    generation = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": False}
+    if args.compile:
+        if not getattr(model, "_can_compile_fullgraph", False):
+            print(
+                f"error: --compile: the modeling code in {args.model} predates compiled decoding. Re-save the model "
+                "with the current code (save_pretrained), or drop --compile.",
+                file=sys.stderr,
+            )
+            return 1
+        generation |= compiled_generation()
+    # compiled decoding keeps one graph per batch size: the last, smaller batch is padded with copies of an image
+    fixed_batch = min(args.batch_size, len(paths)) if args.compile else 0
     show_progress = any(Path(item).is_dir() for item in args.inputs)
     captioned = 0
     progress = tqdm(total=len(paths), desc="captioning", unit="img", disable=not show_progress, file=sys.stderr)
@@ -197,12 +266,13 @@ def main(argv=None) -> int:
                 errors.append(f"error: {path}: cannot read image ({type(error).__name__}: {first_line(error)})")
                 progress.write(errors[-1], file=sys.stderr)  # above the progress bar, not through it
         if images:
-            inputs = processor(images=images, text=args.prompt).to(device)
+            padding = images[-1:] * (fixed_batch - len(images)) if fixed_batch else []
+            inputs = processor(images=images + padding, text=args.prompt).to(device)
             with torch.inference_mode():
-                generated = model.generate(
-                    **inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False
-                )
-            captions = processor.post_process_image_text_to_text(generated, input_ids=inputs["input_ids"])
+                generated = model.generate(**inputs, **generation)[: len(images)]
+            captions = processor.post_process_image_text_to_text(
+                generated, input_ids=inputs["input_ids"][: len(images)]
+            )
             captioned += len(captions)
             for path, caption in zip(names, captions, strict=True):
                 if args.format == "jsonl":

@@ -61,7 +61,7 @@ GPU_DEFAULTS = {
     "slice_s": 0.0,
     "budget_s": None,
     "lm_size": ["270m", "2b"],
-    "paths": list(PATHS),
+    "paths": ["eager", "compiled"],
     "caption_batch_sizes": [1, 32, 256],
     "caption_rounds": 10,
     "caption_slice_s": 0.0,
@@ -149,7 +149,12 @@ def parse_args(argv=None):
         help="Decoder shapes (random init): captioning runs each; training the first (default 270m; GPU 270m 2b).",
     )
     parser.add_argument(
-        "--paths", nargs="+", choices=PATHS, default=None, help="Captioning paths (default: eager; GPU both)."
+        "--paths",
+        nargs="+",
+        choices=PATHS,
+        default=None,
+        help="Captioning paths: caption.py's default (eager), --compile (compiled), --quantize int8 (int8, CPU "
+        "only). Default: eager; GPU eager compiled.",
     )
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="Captioning: which models.")
     parser.add_argument(
@@ -213,6 +218,8 @@ def parse_args(argv=None):
             f"--quick --output-dir {args.output_dir}: results/ holds the committed results, and --quick's tiny-shape "
             "numbers would replace them. Drop --output-dir (default outputs/benchmarks-quick/) or pick another folder."
         )
+    if "int8" in args.paths and args.device.type != "cpu":
+        parser.error(f"--paths int8 runs on CPU only (caption.py --quantize int8), got --device {args.device}.")
     args.torch_dtype = DTYPES[args.dtype]
     return args
 

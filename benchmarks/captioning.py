@@ -1,18 +1,21 @@
 """End-to-end captioning: captions/s, time to first token (TTFT), latency and the vision / prefill / decode split.
 
 The four CNNGemma variants and the PaliGemma design (SigLIP so400m/14, 256 image tokens) share one decoder, prompt
-and batch, all with random weights of the true shapes. Each runs on two generation paths:
+and batch, all with random weights of the true shapes. The generation paths are caption.py's:
 - eager: the dynamic KV cache, every step in eager PyTorch (transformers' default);
-- compiled: the static KV cache with the decode steps compiled (`CompileConfig(fullgraph=True)`); prefill is eager.
+- compiled: `caption.py --compile`, the static KV cache with the decode steps compiled whole; prefill is eager;
+- int8: `caption.py --quantize int8` (CPU only), eager with int8 weights in the decoder and its head.
 A run generates `new_tokens` tokens (no early <eos>). A TTFT run generates one: vision plus prefill, until the whole
 batch has its first new token. Vision is timed inside the runs; prefill = TTFT - vision, decode = run - TTFT.
 """
 
+import copy
 import functools
 import time
 
 import torch
-from transformers import CompileConfig
+
+from caption import compiled_generation, quantize_int8
 
 from .common import (
     BASELINE,
@@ -33,7 +36,7 @@ from .common import (
 )
 
 MODELS = (*VARIANTS, BASELINE)
-PATHS = ("eager", "compiled")
+PATHS = ("eager", "compiled", "int8")
 # Targets for mobilenet_single against the PaliGemma design, each on its faster measured path: on a GPU with the
 # Gemma-2B decoder, on CPU with the 270M one (where the CPU run measures the eager path, `caption.py`'s default).
 TARGETS = [
@@ -64,12 +67,6 @@ class VisionTimer:
             return out
 
         model.model.get_image_features = timed  # an instance attribute: the model's forward calls it
-
-
-def compile_config(backend: str) -> CompileConfig:
-    config = CompileConfig(fullgraph=True, backend=backend)
-    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
-    return config
 
 
 def _inputs(model, batch: int, device, dtype) -> dict:
@@ -110,39 +107,39 @@ def run(args, device, log=print) -> dict:
     # Every model, batch size and path compiles its own decode graph: more than dynamo's default of 8 per function.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     common = {"do_sample": False, "use_cache": True, "pad_token_id": 0, "eos_token_id": 1}
-    paths = {
-        "eager": {},
-        "compiled": {"cache_implementation": "static", "compile_config": compile_config(args.backend)},
-    }
+    paths = {"eager": {}, "compiled": compiled_generation(args.backend), "int8": {}}
     results, lm_weights = [], {}
     for lm_size in args.lm_size:
         language_model = build_language_model(lm_size).to(device, dtype)
         lm_weights[lm_size] = weight_megabytes(language_model)
         models = build_models(args, language_model, device, dtype)
-        timers = {name: VisionTimer(model, device) for name, model in models.items()}
+        variants = {  # (model, path) -> the model that runs it: int8 quantizes its own copy
+            (name, path): quantize_int8(copy.deepcopy(model)) if path == "int8" else model
+            for name, model in models.items()
+            for path in args.paths
+        }
+        timers = {id(model): VisionTimer(model, device) for model in variants.values()}  # one per model object
         with torch.inference_mode():
             for batch in args.caption_batch_sizes:
                 log(f" LM {lm_size}, batch {batch}")
                 torch._dynamo.reset()  # the graphs of the previous batch size are not needed again
                 cases, vision, warmup, memory = {}, {}, {}, FirstRunMemory(device)
-                for name, model in models.items():
+                for (name, path), model in variants.items():
                     inputs = _inputs(model, batch, device, dtype)
-                    for path in args.paths:
-                        full = {**common, **paths[path], "max_new_tokens": args.new_tokens}
-                        full["min_new_tokens"] = args.new_tokens  # every model decodes the same number of steps
-                        first = {**common, **paths[path], "max_new_tokens": 1}
-                        synchronize(device)
-                        start = time.perf_counter()  # the first call: compiles the decode step on the compiled path
-                        out = model.generate(**inputs, **full)
-                        synchronize(device)
-                        warmup[name, path] = time.perf_counter() - start
-                        if out.shape[1] - inputs["input_ids"].shape[1] != args.new_tokens:
-                            raise RuntimeError(f"{name} ({path}) did not generate {args.new_tokens} tokens.")
-                        vision[name, path] = []
-                        key = f"{name}|{path}"
-                        run_fn = _generate_fn(model, inputs, full, timers[name], vision[name, path])
-                        cases[f"{key}|run"] = memory.wrap(f"{key}|run", run_fn)
-                        cases[f"{key}|ttft"] = _generate_fn(model, inputs, first, timers[name], [])
+                    full = {**common, **paths[path], "max_new_tokens": args.new_tokens}
+                    full["min_new_tokens"] = args.new_tokens  # every model decodes the same number of steps
+                    first = {**common, **paths[path], "max_new_tokens": 1}
+                    synchronize(device)
+                    start = time.perf_counter()  # the first call: compiles the decode step on the compiled path
+                    out = model.generate(**inputs, **full)
+                    synchronize(device)
+                    warmup[name, path] = time.perf_counter() - start
+                    if out.shape[1] - inputs["input_ids"].shape[1] != args.new_tokens:
+                        raise RuntimeError(f"{name} ({path}) did not generate {args.new_tokens} tokens.")
+                    vision[name, path], key, timer = [], f"{name}|{path}", timers[id(model)]
+                    run_fn = _generate_fn(model, inputs, full, timer, vision[name, path])
+                    cases[f"{key}|run"] = memory.wrap(f"{key}|run", run_fn)
+                    cases[f"{key}|ttft"] = _generate_fn(model, inputs, first, timer, [])
                 times = time_in_rounds(
                     cases,
                     args.caption_rounds,
@@ -152,13 +149,12 @@ def run(args, device, log=print) -> dict:
                     log=log,
                     budget_s=args.caption_budget_s,
                 )
-                for name, model in models.items():
-                    for path in args.paths:
-                        runs, ttft = times[f"{name}|{path}|run"], times[f"{name}|{path}|ttft"]
-                        results.append(
-                            _row(name, model, lm_size, path, batch, runs, ttft, vision[name, path], memory, warmup)
-                        )
-        del models, language_model, timers
+                for (name, path), model in variants.items():
+                    runs, ttft = times[f"{name}|{path}|run"], times[f"{name}|{path}|ttft"]
+                    results.append(
+                        _row(name, model, lm_size, path, batch, runs, ttft, vision[name, path], memory, warmup)
+                    )
+        del models, variants, language_model, timers
     return {
         "settings": {
             "lm_size": args.lm_size,

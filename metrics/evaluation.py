@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from caption import quantize_int8
 from dataset_builder.demo import build_demo_dataset
 from modeling_cnngemma import check_source
 
@@ -61,11 +62,18 @@ def parse_args(argv=None):
     )
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no", help="Autocast precision.")
     parser.add_argument("--max_eval_images", type=int, default=0, help="Cap on the images scored (0: all).")
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: score the int8 decoding of caption.py --quantize int8 (runs on CPU).",
+    )
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
     rules = [
         ("synth_images", args.synth_images >= 20, ">= 20"),
         ("max_eval_images", args.max_eval_images >= 0, ">= 0"),
+        ("mixed_precision", args.quantize == "none" or args.mixed_precision == "no", "no with --quantize int8"),
     ]
     check_ranges(args, rules + generation_rules(args))
     return args
@@ -293,7 +301,9 @@ def write_gallery(images, rows, path: Path, count: int = 12):
 
 def evaluation_function(args):
     """Scores a saved model (folder or Hub id) on one split: metrics.json and predictions.jsonl as training writes."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(
+        cpu=args.quantize == "int8" or not torch.cuda.is_available(), mixed_precision=args.mixed_precision
+    )
     try:
         check_source(args.model, "--model")
     except OSError as error:
@@ -302,7 +312,10 @@ def evaluation_function(args):
         dataset = load_caption_dataset(args.dataset, args.synth_images, args.seed)
     if args.split not in dataset:
         raise UsageError(f"--split {args.split}: the dataset has splits {sorted(dataset)}.")
-    model = accelerator.prepare(AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True))
+    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True)
+    if args.quantize == "int8":
+        model = quantize_int8(model)
+    model = accelerator.prepare(model)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     grouped = group_by_image(dataset[args.split], args.max_eval_images)
     scorer = CaptionScorer() if accelerator.is_main_process else None

@@ -187,3 +187,50 @@ def test_images_are_decoded_as_in_training(saved_model_dir, tiny_model, processo
     generated = tiny_model.generate(**inputs, max_new_tokens=8, do_sample=False)
     expected = processor.post_process_image_text_to_text(generated, input_ids=inputs["input_ids"])
     assert [row["caption"] for row in rows] == expected
+
+
+def test_compile_gives_the_eager_captions_with_one_graph_for_every_batch(tmp_path, saved_model_dir, capsys):
+    """--compile is transformers' static cache + compiled decode steps; the last batch (1 of 2 images) is padded, so
+    the 3 batches share one graph. The backend here is dynamo's `eager` (the whole graph is still traced: a break
+    fails); test_generation.py runs inductor."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for index, image in enumerate(random_images(5, seed=31)):
+        image.save(folder / f"{index}.png")
+    argv = ["--model", str(saved_model_dir), "--format", "jsonl", "--batch-size", "2", "--max-new-tokens", "6"]
+    assert caption_cli.main([*argv, str(folder)]) == 0
+    eager = capsys.readouterr().out
+
+    real = caption_cli.compiled_generation
+    caption_cli.compiled_generation = lambda: real(backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert caption_cli.main([*argv, "--compile", str(folder)]) == 0
+    finally:
+        caption_cli.compiled_generation = real
+    assert capsys.readouterr().out == eager and len(eager.splitlines()) == 5
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_refuses_old_modeling_code_and_beam_search(tmp_path, saved_model_dir, capsys):
+    folder = tmp_path / "old-model"
+    shutil.copytree(saved_model_dir, folder)
+    code = (folder / "modeling_cnngemma.py").read_text()
+    (folder / "modeling_cnngemma.py").write_text(
+        code.replace("_can_compile_fullgraph = True", "_can_compile_fullgraph = False")
+    )
+    image = tmp_path / "one.png"
+    random_images(1, seed=23)[0].save(image)
+    assert caption_cli.main(["--model", str(folder), "--compile", str(image)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (  # after transformers' weight-loading bar
+        f"error: --compile: the modeling code in {folder} predates compiled decoding. Re-save the model with the "
+        "current code (save_pretrained), or drop --compile."
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        caption_cli.main(["--model", str(saved_model_dir), "--compile", "--num-beams", "3", str(image)])
+    assert exit_info.value.code == 2
+    assert "--compile goes with greedy fp32 decoding only; drop --quantize and --num-beams" in capsys.readouterr().err

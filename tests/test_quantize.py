@@ -1,0 +1,91 @@
+"""Int8 decoding (`caption.py --quantize int8`): the decoder's and the head's Linear layers become int8, captions
+come out for every image, the logits stay close to fp32, the default path is untouched and misuse fails clearly."""
+
+import datasets
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from caption import ModelError, main, quantize_int8
+from metrics import evaluation
+
+
+@pytest.fixture(scope="module")
+def test_images(trained_demo, tmp_path_factory):
+    """The demo's test-split images, written as the JPEG bytes the dataset stores."""
+    test = datasets.load_from_disk(trained_demo[1] / "grouped")["test"]
+    folder = tmp_path_factory.mktemp("quantize-images")
+    paths = []
+    for row in test.cast_column("image", datasets.Image(decode=False)):
+        paths.append(folder / row["image_id"])
+        paths[-1].write_bytes(row["image"]["bytes"])
+    return paths
+
+
+def load_demo(model_dir):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+    return model, AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+
+
+def test_int8_quantizes_the_decoder_and_head_and_keeps_the_logits_close(trained_demo, test_images):
+    from PIL import Image
+
+    model, processor = load_demo(trained_demo[0])
+    inputs = processor(images=[Image.open(path) for path in test_images])
+    with torch.inference_mode():
+        fp32_logits = model(**inputs).logits[:, -1]
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+
+    assert quantize_int8(model) is model
+    quantized = [
+        name for name, module in model.named_modules() if isinstance(module, torch.ao.nn.quantized.dynamic.Linear)
+    ]
+    linears = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    assert quantized and all(name.startswith("model.language_model.") or name == "lm_head" for name in quantized)
+    assert "lm_head" in quantized and not [name for name in linears if "language_model" in name or name == "lm_head"]
+    # the input embeddings, tied to the head before, stay fp32; the image side has no int8 layer (above)
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)
+
+    with torch.inference_mode():
+        int8_logits = model(**inputs).logits[:, -1]
+    # Measured on this model: at most 0.08 of the logits' std (0.12), against top-2 gaps of 0.75 and more; the
+    # bound leaves room for other CPUs' int8 kernels and still catches a wrong scale (errors of about one std).
+    assert (int8_logits - fp32_logits).abs().max() < 0.2 * fp32_logits.std()
+    assert torch.equal(int8_logits.argmax(-1), fp32_logits.argmax(-1))
+
+
+def test_caption_cli_int8_captions_every_image_and_the_default_stays_fp32(trained_demo, test_images, capsys):
+    from PIL import Image
+
+    argv = ["--model", str(trained_demo[0]), "--device", "cpu", "--max-new-tokens", "12", *map(str, test_images)]
+    assert main([*argv, "--quantize", "int8"]) == 0
+    int8_rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [name for name, _ in int8_rows] == list(map(str, test_images))
+    assert all(caption.strip() for _, caption in int8_rows)
+
+    assert main(argv) == 0
+    default_captions = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
+    model, processor = load_demo(trained_demo[0])
+    inputs = processor(images=[Image.open(path) for path in test_images])
+    generated = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert default_captions == processor.post_process_image_text_to_text(generated, input_ids=inputs["input_ids"])
+
+
+def test_int8_refuses_other_devices_and_mixed_precision(trained_demo, capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", str(trained_demo[0]), "--device", "cuda:0", "--quantize", "int8", "x.png"])
+    assert capsys.readouterr().err.endswith(
+        "error: --quantize int8 runs on CPU only, got --device cuda:0. Pass --device cpu or drop it.\n"
+    )
+    model = nn.Module()
+    model.weight = nn.Parameter(torch.zeros(1, device="meta"))
+    with pytest.raises(ModelError) as error:
+        quantize_int8(model)
+    assert str(error.value) == (
+        "quantize_int8: the model is on meta, but int8 decoding runs on CPU only (torch's dynamic quantization has "
+        "no kernels for other devices). Move it with model.cpu() first, or do not quantize."
+    )
+    with pytest.raises(evaluation.UsageError) as error:
+        evaluation.parse_args(["--model", "m", "--quantize", "int8", "--mixed_precision", "bf16"])
+    assert str(error.value) == "--mixed_precision bf16 is out of range; expected no with --quantize int8."
