@@ -174,6 +174,9 @@ def build_paligemma(
     )
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config)
+    # transformers 5.24: with a static cache, generate pre-builds PaliGemma's masks, as a dict for a sliding-window
+    # decoder (Gemma 3 270M), which PaliGemma's own forward cannot take. Passing the 2D mask on lets it build them.
+    model.create_masks_for_generate = lambda attention_mask=None, **_: attention_mask
     return attach_language_model(model, language_model).eval()
 
 

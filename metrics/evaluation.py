@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from caption import quantize_int8
+from caption import compiled_generation, quantize_int8
 from dataset_builder.demo import build_demo_dataset
 from modeling_cnngemma import check_source
 
@@ -84,6 +84,13 @@ def add_generation_arguments(group):
     group.add_argument("--eval_batch_size", type=int, default=64, help="Images per generate() call.")
     group.add_argument("--num_beams", type=int, default=1, help="Beam width for captions (1: greedy).")
     group.add_argument("--max_new_tokens", type=int, default=32, help="Longest generated caption.")
+    group.add_argument(
+        "--compile_generation",
+        action="store_true",
+        help="Greedy captions on caption.py --compile's path (static cache, compiled decode steps): the same "
+        "captions after a one-off compile. Off by default: 3-12%% faster on CPU after a minute's compile, not yet "
+        "measured on GPU.",
+    )
 
 
 def generation_rules(args) -> list[tuple[str, bool, str]]:
@@ -91,6 +98,7 @@ def generation_rules(args) -> list[tuple[str, bool, str]]:
         ("eval_batch_size", args.eval_batch_size >= 1, ">= 1"),
         ("num_beams", args.num_beams >= 1, ">= 1"),
         ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"),
+        ("num_beams", args.num_beams == 1 or not args.compile_generation, "1 with --compile_generation"),
     ]
 
 
@@ -175,15 +183,15 @@ def generate_captions(accelerator, model, processor, images, args, desc: str) ->
     indexed = images.select_columns(["image"]).add_column("index", list(range(len(images))))
     loader = accelerator.prepare_data_loader(DataLoader(indexed, batch_size=args.eval_batch_size, collate_fn=collate))
     unwrapped = accelerator.unwrap_model(model)
+    generation = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": False}
+    generation |= compiled_generation() if args.compile_generation else {}
     was_training = unwrapped.training
     unwrapped.eval()
     local = []
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         index = batch.pop("index")
         with torch.inference_mode(), accelerator.autocast():
-            generated = unwrapped.generate(
-                **batch, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False
-            )
+            generated = unwrapped.generate(**batch, **generation)
         captions = processor.post_process_image_text_to_text(generated, input_ids=batch["input_ids"])
         local.extend(zip(index.tolist(), captions, strict=True))
     unwrapped.train(was_training)

@@ -96,3 +96,20 @@ def test_java_tokenizer_failure_shows_java_stderr(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RuntimeError, match=r"exit code 1, .*Its stderr: Error: Could not find or load main class"):
         ptb_tokenize({0: ["a plane"]})
+
+
+def test_compile_generation_scores_the_same_captions(tmp_path, demo_dataset, saved_model_dir, monkeypatch):
+    """--compile_generation (train_hf.py has it too) runs caption.py --compile's path: the same predictions. Dynamo's
+    `eager` backend keeps the test fast; the whole decode step is still traced (test_generation.py runs inductor)."""
+    import caption
+
+    monkeypatch.setattr(evaluation, "compiled_generation", lambda: caption.compiled_generation(backend="eager"))
+    argv = ["--model", str(saved_model_dir), "--dataset", str(demo_dataset), "--split", "validation"]
+    argv += ["--max_new_tokens", "6", "--eval_batch_size", "4"]
+    predictions = []
+    for extra in ([], ["--compile_generation"]):
+        out = tmp_path / f"eval{len(extra)}"
+        assert evaluation.main([*argv, *extra, "--output_dir", str(out)]) == 0
+        predictions.append((out / "predictions.jsonl").read_text())
+    images = set(load_from_disk(str(demo_dataset))["validation"]["image_id"])
+    assert predictions[0] == predictions[1] and predictions[0].count("\n") == len(images) > 1
