@@ -19,24 +19,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-# Decoder shapes. "270m" is Gemma 3 270M (google/gemma-3-270m); "tiny" and "2b" (PaliGemma-3B's Gemma-2B) are read
-# from configuration/tiny.json and mobilenet_single.json so that they never drift from the shipped configs.
+# Decoder shapes, read from the shipped configs so that they never drift from them: "tiny", "270m" (Gemma 3 270M,
+# mobilenet_single_270m.json) and "2b" (PaliGemma-3B's Gemma-2B, mobilenet_single.json).
 _TINY_JSON = Path(__file__).resolve().parents[1] / "configuration" / "tiny.json"
 LM_SHAPES = {
     "tiny": json.loads(_TINY_JSON.read_text())["text_config"],
-    "270m": {
-        "model_type": "gemma3_text",
-        "hidden_size": 640,
-        "num_hidden_layers": 18,
-        "intermediate_size": 2048,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 1,
-        "head_dim": 256,
-        "vocab_size": 262144,
-        "sliding_window": 512,
-        "query_pre_attn_scalar": 256,
-        "max_position_embeddings": 32768,
-    },
+    "270m": json.loads((_TINY_JSON.parent / "mobilenet_single_270m.json").read_text())["text_config"],
     "2b": json.loads((_TINY_JSON.parent / "mobilenet_single.json").read_text())["text_config"],
 }
 

@@ -72,8 +72,14 @@ def test_gemma_checkpoint_loads_fully_and_gets_an_image_token(gemma_checkpoint, 
     model, tokenizer = CNNGemmaForConditionalGeneration.from_backbones(cnngemma_config(), language_model=path)
     assert tokenizer.convert_tokens_to_ids("<image>") == old_vocab == model.config.image_token_id
     assert model.config.text_config.vocab_size == old_vocab + 1 == model.get_input_embeddings().weight.shape[0]
-    expected = gemma.model.state_dict()
+    assert_decoder_is_the_checkpoints(model, gemma, old_vocab)
+
+
+def assert_decoder_is_the_checkpoints(model, checkpoint, old_vocab: int):
+    """Every decoder tensor equals the checkpoint's (the embeddings up to the rows added for `<image>`), head tied."""
+    expected = checkpoint.model.state_dict()
     loaded = model.language_model.state_dict()
+    assert loaded.keys() == expected.keys()
     for key, value in expected.items():
         if key == "embed_tokens.weight":
             assert torch.equal(loaded[key][:old_vocab], value)

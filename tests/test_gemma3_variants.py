@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 from conftest import REPO_ROOT, random_images
-from test_backbones import gemma_style_tokenizer
+from test_backbones import assert_decoder_is_the_checkpoints, gemma_style_tokenizer
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration, CNNGemmaProcessor
@@ -75,15 +75,7 @@ def test_gemma3_checkpoint_loads_exactly_and_captions(gemma3_checkpoint):
     assert type(model.language_model).__name__ == "Gemma3TextModel"
     assert model.config.text_config.layer_types == TINY_GEMMA3["layer_types"]
 
-    loaded = model.language_model.state_dict()
-    expected = gemma3.model.state_dict()
-    assert loaded.keys() == expected.keys()
-    for key, value in expected.items():
-        if key == "embed_tokens.weight":
-            assert torch.equal(loaded[key][:old_vocab], value)
-        else:
-            assert torch.equal(loaded[key], value), key
-    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert_decoder_is_the_checkpoints(model, gemma3, old_vocab)
 
     # Text without an image runs exactly the checkpoint's decoder and head.
     ids = tokenizer("there are two red planes in the centre", return_tensors="pt").input_ids
