@@ -200,24 +200,24 @@ def test_gpu_script_refuses_an_unknown_step_before_doing_any_work(tmp_path):
     done = subprocess.run(["bash", str(script), "fp32", "bf61"], capture_output=True, text=True, env=env)
     assert done.returncode == 2
     assert done.stderr == (
-        "run_gpu.sh: unknown step 'bf61'; expected any of: e2e_2b_min e2e_270m e2e_2b_rest fp32 bf16 bf16_b256 "
-        "compile_b32 compile_b256\n"
+        "run_gpu.sh: unknown step 'bf61'; expected any of: e2e_2b_b256 e2e_2b_b32 e2e_2b_b1 e2e_270m e2e_rest fp32 "
+        "bf16 bf16_b256 compile_b32 compile_b256\n"
     )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_gpu_script_dry_run_on_cpu_measures_both_paths_and_writes_outside_results(tmp_path):
-    """The GPU script's minimum step, dry-run on CPU (EXTRA="--quick --device cpu": tiny shapes, and the compiled
+    """The GPU script's first step, dry-run on CPU (EXTRA="--quick --device cpu": tiny shapes, and the compiled
     path traced whole by dynamo with the eager backend). It writes to the git-ignored outputs/, never to results/."""
     script = ROOT / "benchmarks" / "run_gpu.sh"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EXTRA": "--quick --device cpu"}
-    done = subprocess.run(["bash", str(script), "e2e_2b_min"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    done = subprocess.run(["bash", str(script), "e2e_2b_b256"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results_dir = tmp_path / "outputs" / "benchmarks-quick" / "gpu"
-    assert "=== e2e_2b_min: exit 0 after" in (results_dir / "gpu_e2e_2b_min.log").read_text()
+    assert "=== e2e_2b_b256: exit 0 after" in (results_dir / "gpu_e2e_2b_b256.log").read_text()
     assert (tmp_path / "outputs" / "benchmarks-quick" / "gpu.tgz").exists()
     assert not (tmp_path / "results").exists()
-    cap = json.loads((results_dir / "benchmarks_gpu_e2e_2b_min.json").read_text())["captioning"]
+    cap = json.loads((results_dir / "benchmarks_gpu_e2e_2b_b256.json").read_text())["captioning"]
     assert {(r["model"], r["path"], r["batch_size"]) for r in cap["rows"]} == {
         (m, p, b) for m in ("mobilenet_single", BASELINE) for p in ("eager", "compiled") for b in (1, 2)
     }
