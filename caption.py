@@ -42,7 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-beams", type=int, default=1, help="Beam width; 1 is greedy decoding.")
     parser.add_argument("--format", choices=("text", "jsonl"), default="text", help="text: 'path<TAB>caption' lines.")
     parser.add_argument(
-        "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available)."
+        "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available; cpu with int8)."
     )
     parser.add_argument(
         "--quantize",
@@ -179,6 +179,9 @@ def quantize_int8(model):
             f"quantize_int8: the model is on {device}, but int8 decoding runs on CPU only (torch's dynamic "
             "quantization has no kernels for other devices). Move it with model.cpu() first, or do not quantize."
         )
+    # Dynamic int8 kernels take fp32 activations: a bf16 or fp16 checkpoint (from_pretrained keeps the saved dtype)
+    # is widened first, which loses nothing.
+    model.float()
     # The head gets its own int8 copy of the tied embedding matrix, the largest weight read at each step; the
     # input embeddings stay fp32.
     spec = {"model.language_model": per_channel_dynamic_qconfig, "lm_head": per_channel_dynamic_qconfig}
@@ -196,7 +199,9 @@ def compiled_generation(backend: str = "inductor") -> dict:
     from transformers import CompileConfig
 
     config = CompileConfig(fullgraph=True, backend=backend)
-    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    # transformers 5.24 auto-compiles on accelerators only unless this private flag is set (GenerationMixin.
+    # _valid_auto_compile_criteria); tests/test_generation.py fails if a new version stops honouring it
+    config._compile_all_devices = True
     return {"cache_implementation": "static", "compile_config": config}
 
 

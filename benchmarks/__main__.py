@@ -218,8 +218,11 @@ def parse_args(argv=None):
             f"--quick --output-dir {args.output_dir}: results/ holds the committed results, and --quick's tiny-shape "
             "numbers would replace them. Drop --output-dir (default outputs/benchmarks-quick/) or pick another folder."
         )
-    if "int8" in args.paths and args.device.type != "cpu":
-        parser.error(f"--paths int8 runs on CPU only (caption.py --quantize int8), got --device {args.device}.")
+    if "int8" in args.paths and (args.device.type != "cpu" or args.dtype != "fp32"):
+        parser.error(
+            f"--paths int8 runs on CPU in fp32 only (caption.py --quantize int8), got --device {args.device} "
+            f"--dtype {args.dtype}."
+        )
     args.torch_dtype = DTYPES[args.dtype]
     return args
 
@@ -272,7 +275,9 @@ def markdown_tables(results: dict) -> str:
                 f"({'met' if e['wrapper_target_met'] else 'not met'}) | {100 * e['multi_vs_single']:.0f}% |"
             )
         out.append("")
-    if "captioning" in results:
+    if "captioning" in results and "paths" not in results["captioning"]["settings"]:
+        out += ["**Captioning**: recorded before 2026-11-30 in an older layout; read its rows in the JSON.", ""]
+    elif "captioning" in results:
         cap = results["captioning"]
         s = cap["settings"]
         out += [

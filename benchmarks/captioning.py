@@ -118,7 +118,8 @@ def run(args, device, log=print) -> dict:
             for name, model in models.items()
             for path in args.paths
         }
-        timers = {id(model): VisionTimer(model, device) for model in variants.values()}  # one per model object
+        unique = {id(model): model for model in variants.values()}  # eager and compiled share one model object
+        timers = {key: VisionTimer(model, device) for key, model in unique.items()}
         with torch.inference_mode():
             for batch in args.caption_batch_sizes:
                 log(f" LM {lm_size}, batch {batch}")
@@ -238,7 +239,8 @@ def _check(target: dict, rows: list, summary: dict) -> dict:
         cells = [
             r["latency_s"]["p50"]
             for r in rows
-            if (r["model"], r["lm_size"], r["batch_size"]) == ("mobilenet_single", target["lm_size"], 1)
+            if (r["model"], r["lm_size"], r["batch_size"])
+            == ("mobilenet_single", target["lm_size"], target["batch_size"])
         ]
         measured = min(cells, default=None)
     elif single is not None:

@@ -74,6 +74,7 @@ def parse_args(argv=None):
         ("synth_images", args.synth_images >= 20, ">= 20"),
         ("max_eval_images", args.max_eval_images >= 0, ">= 0"),
         ("mixed_precision", args.quantize == "none" or args.mixed_precision == "no", "no with --quantize int8"),
+        ("compile_generation", args.quantize == "none" or not args.compile_generation, "off with --quantize int8"),
     ]
     check_ranges(args, rules + generation_rules(args))
     return args

@@ -185,7 +185,7 @@ class CNNGemmaModel(CNNGemmaPreTrainedModel):
 
         # 3. positions count real tokens only, so a left-padded row sees the same positions as when alone (generate
         # passes its own, computed the same way; the mask covers the cached tokens too, so the last ones are ours)
-        if position_ids is None and attention_mask is not None:
+        if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
 
         # 4. the decoder, causal over the whole sequence

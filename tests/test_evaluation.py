@@ -101,9 +101,12 @@ def test_java_tokenizer_failure_shows_java_stderr(tmp_path, monkeypatch):
 def test_compile_generation_scores_the_same_captions(tmp_path, demo_dataset, saved_model_dir, monkeypatch):
     """--compile_generation (train_hf.py has it too) runs caption.py --compile's path: the same predictions. Dynamo's
     `eager` backend keeps the test fast; the whole decode step is still traced (test_generation.py runs inductor)."""
+    from torch._dynamo.utils import counters
+
     import caption
 
     monkeypatch.setattr(evaluation, "compiled_generation", lambda: caption.compiled_generation(backend="eager"))
+    counters.clear()
     argv = ["--model", str(saved_model_dir), "--dataset", str(demo_dataset), "--split", "validation"]
     argv += ["--max_new_tokens", "6", "--eval_batch_size", "4"]
     predictions = []
@@ -113,3 +116,4 @@ def test_compile_generation_scores_the_same_captions(tmp_path, demo_dataset, sav
         predictions.append((out / "predictions.jsonl").read_text())
     images = set(load_from_disk(str(demo_dataset))["validation"]["image_id"])
     assert predictions[0] == predictions[1] and predictions[0].count("\n") == len(images) > 1
+    assert counters["stats"]["unique_graphs"] >= 1  # the second run's decode steps were compiled

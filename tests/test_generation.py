@@ -7,7 +7,8 @@ the decode steps with `fullgraph=True` (the prefill, where the CNN runs, stays e
 import pytest
 import torch
 from conftest import make_tiny_model, random_images
-from transformers import CompileConfig
+
+from caption import compiled_generation
 
 # Prompts of different lengths, so a batch of 4 is left-padded (one row has no padding).
 PROMPTS = ["caption en", "caption the whole image en", "caption", "caption this aerial photo please en"]
@@ -26,12 +27,6 @@ def inputs(processor):
     return inputs
 
 
-def compile_config() -> CompileConfig:
-    config = CompileConfig(fullgraph=True)
-    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
-    return config
-
-
 @pytest.mark.parametrize("batch", [1, 4])
 def test_greedy_tokens_are_the_same_on_every_cache_path(model, inputs, batch):
     batch_inputs = {name: value[:batch] for name, value in inputs.items()}
@@ -39,7 +34,7 @@ def test_greedy_tokens_are_the_same_on_every_cache_path(model, inputs, batch):
     static = model.generate(**batch_inputs, **GREEDY, cache_implementation="static")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = model.generate(**batch_inputs, **GREEDY, cache_implementation="static", compile_config=compile_config())
+    compiled = model.generate(**batch_inputs, **GREEDY, **compiled_generation())  # caption.py --compile's path
 
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode steps really were compiled
     assert dynamic.shape == (batch, batch_inputs["input_ids"].shape[1] + GREEDY["max_new_tokens"])

@@ -628,3 +628,14 @@ def test_the_card_of_a_synthetic_demo_run_names_the_synthetic_set_not_riscm(trai
     assert "name: synthetic demo set (test)" in card and "type: synthetic demo set" in card
     assert "on the synthetic demo set\n(`dataset_builder.synth`" in card
     assert "RISCM (test)" not in card and "RISCM-style caption data" not in card
+
+
+def test_the_card_of_a_run_without_a_recorded_dataset_claims_no_riscm(trained, tmp_path):
+    folder = tmp_path / "unrecorded"
+    shutil.copytree(trained[1], folder)
+    (folder / "train_args.json").write_text(json.dumps({"max_steps": 2}))
+    code, _, stderr = run_main(["--model_dir", folder, "--repo_id", "me/unrecorded", "--dry_run", tmp_path / "up"])
+    assert code == 0, stderr
+    card = (tmp_path / "up" / "README.md").read_text()
+    assert "name: unrecorded dataset (test)" in card and "on a dataset that this model folder does not\nrecord" in card
+    assert "RISCM (test)" not in card and "RISCM-style caption data" not in card
