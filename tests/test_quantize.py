@@ -96,3 +96,18 @@ def test_int8_refuses_other_devices_and_mixed_precision(trained_demo, capsys):
     with pytest.raises(evaluation.UsageError) as error:
         evaluation.parse_args(["--model", "m", "--quantize", "int8", "--mixed_precision", "bf16"])
     assert str(error.value) == "--mixed_precision bf16 is out of range; expected no with --quantize int8."
+    with pytest.raises(evaluation.UsageError) as error:
+        evaluation.parse_args(["--model", "m", "--quantize", "int8", "--compile_generation"])
+    assert str(error.value) == "--compile_generation True is out of range; expected off with --quantize int8."
+
+
+def test_int8_takes_a_bf16_checkpoint_as_fp32(trained_demo, test_images):
+    """from_pretrained keeps a saved bf16 dtype; the int8 kernels need fp32 activations (before: a RuntimeError)."""
+    from PIL import Image
+
+    model, processor = load_demo(trained_demo[0])
+    quantized = quantize_int8(model.to(torch.bfloat16))
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    inputs = processor(images=[Image.open(path) for path in test_images[:2]])
+    generated = quantized.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert generated.shape[0] == 2 and generated.shape[1] > inputs["input_ids"].shape[1]
