@@ -106,6 +106,18 @@ def saved_model_dir(tmp_path_factory, tiny_model, processor):
 
 
 @pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A 30-image synthetic set built by dataset_builder (train / validation / test), read only."""
+    from dataset_builder.build import build
+    from dataset_builder.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root / "raw", num_images=30, seed=3, size=64)
+    build(root / "raw" / "captions.csv", root / "dataset", images=root / "raw" / "resized", num_workers=1)
+    return root / "dataset"
+
+
+@pytest.fixture(scope="session")
 def trained_demo(tmp_path_factory):
     """A tiny CNNGemma that has learned something: train_hf.py, 200 steps at batch 8 on 48 synthetic 128 px images
     (~20-30 s on 2 cores), in a fresh process. Returns (the saved model folder, the built dataset folder)."""

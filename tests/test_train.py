@@ -23,18 +23,6 @@ spec.loader.exec_module(train_hf)
 FAST = ["--batch_size", "4", "--report_to", "none", "--seed", "7"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    """A 30-image synthetic set built by dataset_builder (train / validation / test)."""
-    from dataset_builder.build import build
-    from dataset_builder.synth import synthesize
-
-    root = tmp_path_factory.mktemp("synth")
-    synthesize(root / "raw", num_images=30, seed=3, size=64)
-    build(root / "raw" / "captions.csv", root / "dataset", images=root / "raw" / "resized", num_workers=1)
-    return root / "dataset"
-
-
 def run_train(*args, cwd, processes: int = 1, wait: bool = True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     if processes == 1:

@@ -21,15 +21,9 @@ RESTART = "Resume from another checkpoint, or start again with --overwrite_outpu
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """A 30-image synthetic set built by dataset_builder: 112 train pairs, validation and test."""
-    from dataset_builder.build import build
-    from dataset_builder.synth import synthesize
-
-    root = tmp_path_factory.mktemp("pairs")
-    synthesize(root / "raw", num_images=30, seed=3, size=64)
-    build(root / "raw" / "captions.csv", root / "dataset", images=root / "raw" / "resized", num_workers=1)
-    return root / "dataset"
+def pairs(tiny_dataset):
+    """conftest's 30-image set: 112 train pairs, validation and test (read only; variants are copies)."""
+    return tiny_dataset
 
 
 def variant(pairs, folder, split, change):
