@@ -223,3 +223,20 @@ def test_gpu_script_dry_run_on_cpu_measures_both_paths_and_writes_outside_result
     }
     for row in cap["rows"]:
         _check_caption_row(row)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--device", "cpu", "--dtype", "bf16"], ["--device", "meta"]],
+    ids=["bf16", "not-cpu"],
+)
+def test_int8_path_is_refused_off_cpu_fp32(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["captioning", "--paths", "int8", *argv])
+    assert exit_info.value.code == 2
+    device = argv[argv.index("--device") + 1]
+    dtype = argv[argv.index("--dtype") + 1] if "--dtype" in argv else "fp32"
+    assert capsys.readouterr().err.endswith(
+        f"error: --paths int8 runs on CPU in fp32 only (caption.py --quantize int8), got --device {device} "
+        f"--dtype {dtype}.\n"
+    )
