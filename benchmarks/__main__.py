@@ -218,6 +218,11 @@ def parse_args(argv=None):
             f"--quick --output-dir {args.output_dir}: results/ holds the committed results, and --quick's tiny-shape "
             "numbers would replace them. Drop --output-dir (default outputs/benchmarks-quick/) or pick another folder."
         )
+    counts = {"--caption-batch-sizes": min(args.caption_batch_sizes), "--new-tokens": args.new_tokens}
+    counts["--caption-rounds"] = args.caption_rounds
+    for flag, value in counts.items():
+        if value < 1:
+            parser.error(f"{flag} {value}: expected whole numbers >= 1.")
     if "int8" in args.paths and (args.device.type != "cpu" or args.dtype != "fp32"):
         parser.error(
             f"--paths int8 runs on CPU in fp32 only (caption.py --quantize int8), got --device {args.device} "

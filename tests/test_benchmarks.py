@@ -240,3 +240,11 @@ def test_int8_path_is_refused_off_cpu_fp32(capsys, argv):
         f"error: --paths int8 runs on CPU in fp32 only (caption.py --quantize int8), got --device {device} "
         f"--dtype {dtype}.\n"
     )
+
+
+@pytest.mark.parametrize("flag", ["--caption-batch-sizes", "--new-tokens", "--caption-rounds"])
+def test_caption_counts_below_one_are_refused(capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["captioning", "--device", "cpu", flag, "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: {flag} 0: expected whole numbers >= 1.\n")
