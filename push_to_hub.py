@@ -370,8 +370,8 @@ def model_card(facts: dict, args):
         num_parameters=f"{facts['num_parameters']:,}",
         merged_lora=facts["merged_lora"],
         trained_on=", ".join(f"`{name}`" for name in data.datasets or []) or local_dataset_name(facts["train_args"]),
-        # the card's text follows the model-index name: Hub or local data, the synthetic demo set, or unrecorded
-        data_kind=data.eval_results[0].dataset_type if not data.datasets else "named",
+        # the card's text says the same as the model-index: named data, the synthetic demo set, or unrecorded
+        data_kind="named" if data.datasets else local_dataset_name(facts["train_args"]),
         settings="\n".join(
             f"| `{key}` | `{json.dumps(public_value(value))}` |" for key, value in sorted(train_args.items())
         ),
