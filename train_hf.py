@@ -11,28 +11,32 @@ import argparse
 import importlib.util
 import json
 import math
+import os
+import re
 import resource
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, broadcast_object_list, set_seed
 from matplotlib.figure import Figure
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
 import checkpoints
+from cnngemma.errors import RunError, UsageError, check_ranges, first_line, path_type, run_command, seed_type
+from cnngemma.inference import check_generation_length, load_model
+from cnngemma.saving import read_safetensors_metadata
 from metrics import evaluation
 from metrics.caption_metrics import METRIC_KEYS
-from metrics.evaluation import RunError, UsageError
 from modeling_cnngemma import (
     CNNGemmaConfig,
     CNNGemmaForConditionalGeneration,
-    CNNGemmaImageProcessor,
     CNNGemmaProcessor,
     build_caption_tokenizer,
     check_source,
@@ -42,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 # Each of these builds a new model; a --model folder brings its own weights, config, tokenizer and processor instead.
 NEW_MODEL_FLAGS = ("config", "text_config", "language_model", "vision_pretrained", "tokenizer")
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+TRACKERS = sorted(str(tracker.value) for tracker in LoggerType if tracker.value != "all")
 
 
 def parse_args(argv=None):
@@ -50,34 +55,46 @@ def parse_args(argv=None):
     )
     data = parser.add_argument_group("data and model")
     data.add_argument(
-        "--model", help="Fine-tune a trained CNNGemma (folder or Hub id) with its own config, tokenizer and processor."
+        "--model",
+        type=path_type,
+        help="Fine-tune a trained CNNGemma (folder or Hub id) with its own config, tokenizer and processor.",
     )
-    data.add_argument("--config", help="A configuration/*.json file (model shape). Default: the CPU demo's tiny.json.")
+    data.add_argument(
+        "--config",
+        type=path_type,
+        help="A configuration/*.json file (model shape). Default: the CPU demo's tiny.json.",
+    )
     data.add_argument(
         "--dataset",
+        type=path_type,
         help="A dataset_builder output folder or a Hub dataset id. Default: build (or reuse) the "
         f"synthetic aerial set in {evaluation.DEMO_DATA.relative_to(REPO_ROOT)}/.",
     )
     data.add_argument("--synth_images", type=int, default=2000, help="Images in the default synthetic set.")
     data.add_argument(
         "--language_model",
+        type=path_type,
         help="Gemma or PaliGemma checkpoint (folder or Hub id) for the decoder and tokenizer. "
         "Default: a randomly initialised decoder and a BPE tokenizer trained on the captions.",
     )
     data.add_argument(
         "--vision_pretrained",
+        type=path_type,
         help="'imagenet' for timm's ImageNet weights (Hub), or a weights file. Default: timm init.",
     )
-    data.add_argument("--tokenizer", help="Tokenizer folder to use with a random decoder.")
+    data.add_argument("--tokenizer", type=path_type, help="Tokenizer folder to use with a random decoder.")
     data.add_argument(
         "--text_config",
+        type=path_type,
         help="Take text_config and image_token_id from this configuration/*.json instead (e.g. a "
         "full variant's real encoder with tiny.json's decoder for CPU comparisons).",
     )
     data.add_argument(
         "--output_dir",
+        type=path_type,
         default=str(REPO_ROOT / "outputs" / "cnngemma-demo"),
-        help="Where checkpoints, the final model, metrics.json and plots go.",
+        help="Where checkpoints, the final model, metrics.json and plots go: a new or empty folder, or an earlier run "
+        "to resume or replace. One run writes there at a time.",
     )
     data.add_argument("--max_caption_tokens", type=int, default=64, help="Cut longer training captions to N tokens.")
 
@@ -117,7 +134,9 @@ def parse_args(argv=None):
     optim.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no", help="Autocast precision.")
     optim.add_argument("--gradient_checkpointing", action="store_true", help="Recompute decoder activations.")
     optim.add_argument("--augment", action="store_true", help="Random flips and 90-degree rotations of images.")
-    optim.add_argument("--seed", type=int, default=42, help="Seed for weights, data order and augmentation.")
+    optim.add_argument(
+        "--seed", type=seed_type, default=42, help="Seed for weights, data order and augmentation (0..2**32-1)."
+    )
     optim.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
 
     scoring = parser.add_argument_group("evaluation")
@@ -134,12 +153,23 @@ def parse_args(argv=None):
     state = parser.add_argument_group("checkpoints and logging")
     state.add_argument("--checkpointing_steps", type=int, default=0, help="save_state every N steps (0: never).")
     state.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last K checkpoints.")
-    state.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
-    state.add_argument("--overwrite_output_dir", action="store_true", help="Delete an earlier run's checkpoints.")
+    state.add_argument("--resume_from_checkpoint", type=path_type, help="'latest' or a checkpoint folder.")
+    state.add_argument(
+        "--apply_changed_flags",
+        action="store_true",
+        help="Resume even though flags that change training differ from the checkpoint's, with the new values "
+        "(learning rates, batch size, ...; they are logged). Without it such a resume is refused.",
+    )
+    state.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace an earlier run in --output_dir. The new run works in a sub-folder until it has finished (disk "
+        "use doubles meanwhile); then only the earlier run's own files are deleted. A failed run changes nothing.",
+    )
     state.add_argument(
         "--report_to",
         default="tensorboard",
-        help="Accelerate trackers: tensorboard, wandb, trackio, all or none (missing ones are skipped).",
+        help=f"Accelerate trackers, comma-separated: {', '.join(TRACKERS)}, all or none (installed ones only).",
     )
     state.add_argument("--logging_steps", type=int, default=20, help="Log loss, lr and samples/s every N steps.")
     args = parser.parse_args(argv)
@@ -172,7 +202,20 @@ def check_flags(args):
     for name in ("learning_rate", "vision_lr", "projector_lr", "language_model_lr"):
         lr = getattr(args, name)
         rules.append((name, lr is None or (math.isfinite(lr) and lr > 0), "a finite number > 0"))
-    evaluation.check_ranges(args, rules)
+    check_ranges(args, rules)
+    try:
+        re.compile(args.lora_target_modules)
+    except re.error as error:
+        raise UsageError(
+            f"--lora_target_modules {args.lora_target_modules!r} is not a valid regular expression ({error}). "
+            f"Pass a Python regex of module names, e.g. the default {DEFAULT_LORA_TARGETS!r}."
+        ) from None
+    unknown = [t for t in args.report_to.split(",") if t not in (*TRACKERS, "all", "none")]
+    if unknown:
+        raise UsageError(
+            f"--report_to {args.report_to!r}: unknown tracker(s) {', '.join(unknown)}. Expected a comma-separated "
+            f"list of {', '.join(TRACKERS)}, or all, or none."
+        )
     if args.save_adapter_only and args.lora_r == 0:
         raise UsageError("--save_adapter_only needs LoRA: set --lora_r > 0.")
     for name in NEW_MODEL_FLAGS if args.model else ():
@@ -201,15 +244,48 @@ def check_flags(args):
                 check_source(value, flag, must_be_local=must_be_local)
         except OSError as error:
             raise UsageError(str(error)) from error
+    if vision_file is not None:
+        check_weights_file(Path(vision_file), "--vision_pretrained")
+
+
+def check_weights_file(path: Path, flag: str):
+    """A weights file is safetensors or a torch.save zip archive: anything else would reach the unpickler."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; expected a weights file (.safetensors, or a torch.save .pth).")
+    if zipfile.is_zipfile(path):
+        return
+    try:
+        read_safetensors_metadata(path)
+    except ValueError:
+        with open(path, "rb") as file:
+            start = file.read(16)
+        raise UsageError(
+            f"{flag} {path}: not a weights file (neither safetensors nor a torch.save archive; it starts with "
+            f"{start!r}). Pass the CNN's weights, e.g. scripts/convert_efficientnet_lite0.py's output, or 'imagenet'."
+        ) from None
 
 
 def training_function(args):
-    output_dir = Path(args.output_dir)
-    resume, run_id = checkpoints.check_run_folder(args)  # before any work: paths, another run's checkpoints
-    accelerator = make_accelerator(args)
-    log = accelerator.print
-    if resume is not None:
-        checkpoints.check_checkpoint(resume, accelerator.num_processes)
+    """The launch's main process takes the output folder's lock before anything loads; a failed or interrupted run
+    leaves an earlier run there as it was."""
+    run = checkpoints.open_run_folder(args) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        train(args, run)
+    except BaseException:
+        if run is not None:
+            checkpoints.abandon_run(run)
+        raise
+
+
+def train(args, run: checkpoints.RunFolder | None):
+    accelerator = make_accelerator(args, run)
+    run = broadcast_object_list([run])[0] if accelerator.num_processes > 1 else run  # the other ranks learn it here
+    log, output_dir = accelerator.print, run.run_dir
+    state = None
+    if run.resume is not None:
+        checkpoints.check_checkpoint(run.resume, accelerator.num_processes)
+        state = json.loads((run.resume / "training_state.json").read_text())
+        changes = checkpoints.check_resume_flags(state, args, run.resume)
     with accelerator.main_process_first():
         dataset = evaluation.load_caption_dataset(args.dataset, args.synth_images, args.seed)
     train_pairs = dataset["train"]
@@ -228,6 +304,8 @@ def training_function(args):
     model, processor = build_model_and_processor(args, train_pairs["caption"])
     positions = model.config.text_config.max_position_embeddings
     cuts = caption_cuts(train_pairs["caption"], processor, positions, args.max_caption_tokens, log)
+    if not args.no_eval:
+        check_generation_length(model, processor, args.max_new_tokens)
     model = apply_training_policy(model, args)
     counts = count_parameters(model)
     log(
@@ -265,11 +343,9 @@ def training_function(args):
     n = accelerator.num_processes
     scheduler = accelerator.prepare(get_cosine_schedule_with_warmup(optimizer, args.warmup_steps * n, max_steps * n))
 
-    if args.overwrite_output_dir and accelerator.is_main_process:  # every check passed: the old run can go
-        checkpoints.clear_output_dir(output_dir)
     scorer = evaluation.CaptionScorer() if accelerator.is_main_process and not args.no_eval else None
     results = {}
-    if not (args.skip_baselines or args.no_eval) and resume is None:
+    if not (args.skip_baselines or args.no_eval) and run.resume is None:
         first = "starting model" if args.model else "untrained model"  # --model: the loaded model before training
         results = evaluation.score_baselines(
             accelerator, model, processor, scorer, train_pairs["caption"], val, test, args, test_split, first
@@ -278,12 +354,13 @@ def training_function(args):
     config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
     accelerator.init_trackers("cnngemma", config=config)
     global_step, start_epoch, skip_batches, history, loss_history = 0, 0, 0, [], []
-    if resume is not None:
-        state = checkpoints.load_checkpoint(accelerator, resume)
+    if run.resume is not None:
+        checkpoints.load_checkpoint(accelerator, run.resume)
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
         history, loss_history = state["history"], [tuple(x) for x in state["loss_history"]]
-        log(f"resumed from {resume} at step {global_step} (epoch {start_epoch}, batch {skip_batches})")
-
+        if changes:
+            skip_batches = apply_changed_flags(changes, args, optimizer, scheduler, skip_batches, log)
+        log(f"resumed from {run.resume} at step {global_step} (epoch {start_epoch}, batch {skip_batches})")
     progress = tqdm(
         total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
     )
@@ -345,22 +422,22 @@ def training_function(args):
                 log(f"step {global_step}: {val_split} CIDEr {result.get('cider', float('nan')):.3f}")
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 state = dict(global_step=global_step, epoch=epoch, batches_in_epoch=batches_in_epoch, history=history)
-                state["loss_history"] = loss_history
+                state.update(loss_history=loss_history, args=json.loads(json.dumps(vars(args), default=str)))
                 if batches_in_epoch == len(train_loader):
                     state.update(epoch=epoch + 1, batches_in_epoch=0)
-                checkpoints.save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit, run_id)
+                checkpoints.save_checkpoint(accelerator, run, state, args.checkpoints_total_limit)
             tick = time.perf_counter()
             if global_step >= max_steps:
                 break
         if global_step >= max_steps:
             break
     progress.close()
-    save_final_model(accelerator, model, processor, args)
+    save_final_model(accelerator, model, processor, args, run)
     if accelerator.is_main_process:
         (output_dir / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         write_loss_curve(loss_history, output_dir / "loss_curve.png")
     if args.no_eval:
-        accelerator.end_training()  # also ends the process group: last
+        finish(accelerator, run)
         return
 
     result, _ = evaluation.evaluate_split(accelerator, model, processor, scorer, val, args, global_step, val_split)
@@ -375,8 +452,36 @@ def training_function(args):
     if accelerator.is_main_process:
         evaluation.write_outputs(output_dir, {**final, "history": history, "baselines": results}, rows, test[0])
         evaluation.report({**results, "fine-tuned model" if args.model else "trained model": final}, rows, test_split)
+    finish(accelerator, run)
+
+
+def finish(accelerator, run: checkpoints.RunFolder):
+    """The run is complete: recorded, and swapped in for an earlier run it replaces (main process)."""
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if accelerator.is_main_process:
+        checkpoints.finish_run(run)
+    accelerator.end_training()  # also ends the process group: last
+
+
+def apply_changed_flags(changes, args, optimizer, scheduler, skip_batches: int, log) -> int:
+    """--apply_changed_flags: the new learning rates and weight decay replace the checkpoint's (the cosine schedule
+    keeps its position), and the data position is kept in pairs when --batch_size changed. Returns the batches to
+    skip in the current epoch."""
+    rates = {group["name"]: group["lr"] for group in param_groups(None, args)}
+    for index, group in enumerate(optimizer.param_groups):
+        group["initial_lr"], group["weight_decay"] = rates[group["name"]], args.weight_decay
+        scheduler.scheduler.base_lrs[index] = rates[group["name"]]
+    changed = dict((name, old) for name, old, _ in changes)
+    if "batch_size" in changed:
+        seen = skip_batches * int(changed["batch_size"])
+        skip_batches = seen // args.batch_size
+        if seen % args.batch_size:
+            log(
+                f"note: {seen % args.batch_size} pair(s) of this epoch's order are trained again: {seen} pairs were "
+                f"seen, not a multiple of --batch_size {args.batch_size}."
+            )
+    log("applied the new flags: " + "; ".join(f"--{name} {new} (checkpoint: {old})" for name, old, new in changes))
+    return skip_batches
 
 
 def caption_cuts(captions, processor, positions: int, max_tokens: int, log) -> dict[str, str]:
@@ -405,17 +510,16 @@ def caption_cuts(captions, processor, positions: int, max_tokens: int, log) -> d
     return cuts
 
 
-def make_accelerator(args) -> Accelerator:
+def make_accelerator(args, run: checkpoints.RunFolder | None) -> Accelerator:
     trackers = [] if args.report_to == "none" else ["all"] if args.report_to == "all" else args.report_to.split(",")
     available = [t for t in trackers if t == "all" or importlib.util.find_spec(t) is not None]
+    folder = str(run.run_dir) if run is not None else args.output_dir  # trackers write on the main process only
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=available or None,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")
-        ),
+        project_config=ProjectConfiguration(project_dir=folder, logging_dir=str(Path(folder) / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
@@ -424,24 +528,24 @@ def make_accelerator(args) -> Accelerator:
 
 def build_model_and_processor(args, train_captions):
     if args.model:  # this repository's classes, not the folder's remote code: the code that trains is the code saved
-        try:  # float32 master weights whatever the saved dtype (--mixed_precision autocasts)
-            model = CNNGemmaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
-            image_processor = CNNGemmaImageProcessor.from_pretrained(args.model)
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(args.model)  # AutoTokenizer asks to run remote code
-        except (OSError, ValueError) as error:
-            raise UsageError(f"--model {args.model}: {error}") from error
-        prefix = model.config.prompt_prefix
-        return model, CNNGemmaProcessor(image_processor, tokenizer, model.config.num_image_tokens, prefix)
-    config = CNNGemmaConfig.from_json_file(args.config or REPO_ROOT / "configuration" / "tiny.json")
+        # float32 master weights whatever the saved dtype (--mixed_precision autocasts)
+        return load_model(args.model, remote_code=False, dtype=torch.float32)
+    config = read_config(args.config or REPO_ROOT / "configuration" / "tiny.json", "--config")
     if args.text_config:
-        donor = CNNGemmaConfig.from_json_file(args.text_config)
+        donor = read_config(args.text_config, "--text_config")
         config = CNNGemmaConfig.from_dict(
             {**config.to_dict(), "text_config": donor.text_config.to_dict(), "image_token_id": donor.image_token_id}
         )
     tokenizer = None
     if args.language_model is None:
         if args.tokenizer:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+            except (OSError, ValueError) as error:
+                raise UsageError(
+                    f"--tokenizer {args.tokenizer}: not a tokenizer folder ({first_line(error)}). Pass a folder "
+                    "written by a tokenizer's save_pretrained (tokenizer.json + tokenizer_config.json)."
+                ) from None
         else:
             tokenizer = build_caption_tokenizer(
                 train_captions, vocab_size=config.text_config.vocab_size, prompts=[config.prompt_prefix]
@@ -453,8 +557,20 @@ def build_model_and_processor(args, train_captions):
             config, language_model=args.language_model, vision_pretrained=vision, tokenizer=tokenizer
         )
     except (OSError, ValueError) as error:
-        raise UsageError(str(error)) from error
+        raise UsageError(str(error)) from None
     return model, CNNGemmaProcessor.from_model_config(model.config, tokenizer)
+
+
+def read_config(path, flag: str) -> CNNGemmaConfig:
+    """A configuration/*.json file as a CNNGemmaConfig; anything the config refuses is one line naming the file."""
+    try:
+        config = CNNGemmaConfig.from_json_file(path)
+    except (OSError, ValueError, TypeError) as error:
+        raise UsageError(
+            f"{flag} {path}: not a usable CNNGemma configuration ({type(error).__name__}: {first_line(error)}). "
+            "Start from one of configuration/*.json."
+        ) from None
+    return config
 
 
 def apply_training_policy(model, args):
@@ -467,6 +583,19 @@ def apply_training_policy(model, args):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r == 0:
         return model
+    targets = [m for name, m in model.named_modules() if re.fullmatch(args.lora_target_modules, name)]
+    if not targets:
+        raise UsageError(
+            f"--lora_target_modules {args.lora_target_modules!r} matches no module of the model (it must match whole "
+            "names, e.g. 'model.language_model.layers.0.self_attn.q_proj'). Pass a regex such as the default "
+            f"{DEFAULT_LORA_TARGETS!r}."
+        )
+    widths = [min(m.in_features, m.out_features) for m in targets if isinstance(m, torch.nn.Linear)]
+    if widths and args.lora_r > min(widths):
+        raise UsageError(
+            f"--lora_r {args.lora_r} is larger than the narrowest adapted layer ({min(widths)} features): a rank "
+            f"above a layer's width adds no capacity, only cost. Pass --lora_r {min(widths)} or less."
+        )
     to_save = ["multi_modal_projector"] + ([] if args.freeze_vision else ["vision_tower"])
     lora = LoraConfig(
         r=args.lora_r,
@@ -475,13 +604,17 @@ def apply_training_policy(model, args):
         target_modules=args.lora_target_modules,
         modules_to_save=to_save,
     )
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # peft: a matched module of a type LoRA cannot adapt
+        raise UsageError(f"--lora_target_modules {args.lora_target_modules!r}: {first_line(error)}") from None
 
 
 def param_groups(model, args):
+    """AdamW groups per part, each with its learning rate; with `model=None`, just each part's rate."""
     lrs = {"vision_tower": args.vision_lr, "multi_modal_projector": args.projector_lr}
-    groups = {}
-    for name, param in model.named_parameters():
+    groups = {} if model is not None else {part: [] for part in [*lrs, "language_model"]}
+    for name, param in model.named_parameters() if model is not None else ():
         if param.requires_grad:  # outside the CNN and the projector: the decoder or its LoRA adapters
             groups.setdefault(next((part for part in lrs if part in name), "language_model"), []).append(param)
     lrs["language_model"] = args.language_model_lr
@@ -504,12 +637,12 @@ def augment(pixel_values, generator):
     return torch.stack(out)
 
 
-def save_final_model(accelerator, model, processor, args):
+def save_final_model(accelerator, model, processor, args, run: checkpoints.RunFolder):
     unwrapped = accelerator.unwrap_model(model)
     if args.lora_r and not args.save_adapter_only:
         unwrapped = unwrapped.merge_and_unload()  # a plain CNNGemma again, loadable without peft
     # with --save_adapter_only this is PeftModel.save_pretrained: adapter_config.json + adapter weights
-    checkpoints.save_final_model(accelerator, unwrapped, processor, Path(args.output_dir))
+    checkpoints.save_final_model(accelerator, unwrapped, processor, run)
 
 
 def peak_memory_mb(device) -> float:
@@ -533,15 +666,7 @@ def write_loss_curve(history: list[tuple[int, float]], path: Path):
 
 
 def main(argv=None) -> int:
-    try:
-        training_function(parse_args(argv))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except RunError as error:  # the data, a checkpoint or the run itself
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: training_function(parse_args(argv)))
 
 
 if __name__ == "__main__":

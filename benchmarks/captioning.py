@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from caption import compiled_generation, quantize_int8
+from cnngemma.inference import compiled_generation, quantize_int8
 
 from .common import (
     BASELINE,

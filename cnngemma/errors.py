@@ -21,17 +21,17 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def run_command(function: Callable[[], object]) -> int:
-    """Runs a command's body; a UsageError or RunError becomes one line on stderr and exit code 2 or 1."""
+def run_command(function: Callable[[], int | None]) -> int:
+    """Runs a command's body and returns its exit code (0 when it returns None); a UsageError or RunError becomes
+    one line on stderr and exit code 2 or 1."""
     try:
-        function()
+        return function() or 0
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return 0
 
 
 def check_ranges(args, rules: list[tuple[str, bool, str]]):
@@ -53,8 +53,7 @@ def check_paths(args, names: tuple[str, ...]):
         if isinstance(value, str) and not value.strip():
             flag = name if name.startswith("-") else f"--{name}"
             raise UsageError(
-                f"{flag} {value!r} is empty; expected a path. Pass one (an unset shell variable gives an empty "
-                "value)."
+                f"{flag} {value!r} is empty; expected a path. Pass one (an unset shell variable gives an empty value)."
             )
 
 

@@ -119,8 +119,12 @@ class Existing:
         return shown + (f" and {len(self.kept) - limit} more" if len(self.kept) > limit else "")
 
 
-def survey(path: Path, tool: str, legacy: LegacyRule | None = None) -> Existing:
-    """Classifies `path` for `tool`. A file in the way is refused here."""
+def survey(
+    path: Path, tool: str, legacy: LegacyRule | None = None, verified: LegacyRule | None = None, verify: bool = True
+) -> Existing:
+    """Classifies `path` for `tool`. `verified` names files that are the tool's own by a check of their own (e.g.
+    checkpoints against their markers); `verify=False` trusts names in the record without hashing (enough to decide
+    whether to refuse; `publish` verifies before it deletes). A file in the way is refused here."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise UsageError(
@@ -133,11 +137,19 @@ def survey(path: Path, tool: str, legacy: LegacyRule | None = None) -> Existing:
     if not set(present) - NOT_RECORDED:  # empty folders, or only a lock file
         return Existing(path, "empty", [name for name in present if name in NOT_RECORDED])
     record = read_record(path)
+    extra = set(verified(path)) if verified is not None else set()
     if record is not None and record["tool"] == tool:
-        own = [name for name in present if name in NOT_RECORDED or matches(path / name, record["files"].get(name))]
+        recorded = record["files"]
+        own = [
+            name
+            for name in present
+            if name in NOT_RECORDED
+            or name in extra
+            or (matches(path / name, recorded.get(name)) if verify else name in recorded)
+        ]
         return Existing(path, "ours", own, [name for name in present if name not in own], record)
     if record is None and legacy is not None and (layout := legacy(path)) is not None:
-        own = [name for name in present if name in set(layout) | {LOCK}]
+        own = [name for name in present if name in set(layout) | extra | NOT_RECORDED]
         return Existing(path, "legacy", own, [name for name in present if name not in own])
     return Existing(path, "foreign", [], present, record)
 
@@ -159,6 +171,11 @@ def refuse_foreign(existing: Existing, tool: str, flag: str):
         )
 
 
+def check_replaceable(target, tool: str, legacy: LegacyRule | None = None, flag: str = "--output"):
+    """Before any work: refuses an output path that holds files `tool` did not write (one line naming them)."""
+    refuse_foreign(survey(Path(target), tool, legacy, verify=False), tool, flag)
+
+
 def remove_stale(target: Path) -> list[Path]:
     """Removes hidden leftovers of killed runs beside `target` whose process is gone: `.NAME.partial-PID-*` folders
     (wholly this tool's) and, from `.NAME.old-PID-*` folders, only the files their record verifies. Returns the
@@ -176,13 +193,13 @@ def remove_stale(target: Path) -> list[Path]:
     return kept
 
 
-def delete_own(folder: Path, record: dict | None, layout: list[str] | None = None) -> list[str]:
-    """Deletes from `folder` the files its record verifies (or, for an older version's output, the layout's files),
+def delete_own(folder: Path, record: dict | None, own: list[str] | None = None) -> list[str]:
+    """Deletes from `folder` the files its record verifies and the files in `own` (already verified by `survey`),
     then empty sub-folders and the folder itself if empty. Returns the files left there."""
     names = files_under(folder)
     for name in names:
         recorded = record is not None and matches(folder / name, record["files"].get(name))
-        if recorded or name in NOT_RECORDED or (layout is not None and name in layout):
+        if recorded or name in NOT_RECORDED or (own is not None and name in own):
             (folder / name).unlink()
     for root, _, _ in sorted(os.walk(folder), key=lambda item: -len(item[0])):
         with contextlib.suppress(OSError):
@@ -210,11 +227,18 @@ def new_partial(target: Path) -> Path:
     return partial
 
 
-def publish(new: Path, target: Path, tool: str, legacy: LegacyRule | None = None, flag: str = "--output") -> list[str]:
+def publish(
+    new: Path,
+    target: Path,
+    tool: str,
+    legacy: LegacyRule | None = None,
+    flag: str = "--output",
+    verified: LegacyRule | None = None,
+) -> list[str]:
     """Swaps the complete folder `new` (holding its record) in at `target`. Files at `target` that are not verifiably
     `tool`'s own are moved into the new folder (a name the new output also uses goes under `kept-TIMESTAMP/`); the
     old folder's own files are deleted last. Returns the kept files' new relative paths."""
-    existing = survey(target, tool, legacy)
+    existing = survey(target, tool, legacy, verified)
     refuse_foreign(existing, tool, flag)  # checked again: the folder may have changed while the new one was written
     if existing.kind == "absent":
         os.rename(new, target)
@@ -230,7 +254,7 @@ def publish(new: Path, target: Path, tool: str, legacy: LegacyRule | None = None
         (target / destination).parent.mkdir(parents=True, exist_ok=True)
         os.rename(old / name, target / destination)
         moved.append(destination)
-    left = delete_own(old, existing.record, existing.own if existing.kind == "legacy" else None)
+    left = delete_own(old, None, existing.own)  # verified by survey above
     if left:  # changed while we worked: never deleted, the folder stays beside the output
         print(f"warning: {old} still holds {', '.join(left[:4])}: moved aside, not deleted.", file=sys.stderr)
     return moved
@@ -243,7 +267,7 @@ def replace_folder(
     """Yields an empty hidden folder beside `target`; when the block ends without an error, records its files and
     swaps it in with `publish`. On any error (or Ctrl-C) the hidden folder goes and `target` is untouched."""
     target = Path(target)
-    refuse_foreign(survey(target, tool, legacy), tool, flag)
+    check_replaceable(target, tool, legacy, flag)
     remove_stale(target)
     partial = new_partial(target)
     try:

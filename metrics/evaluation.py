@@ -23,32 +23,36 @@ from accelerate import Accelerator
 from pycocoevalcap.cider.cider import Cider
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from caption import compiled_generation, quantize_int8
+from cnngemma.errors import RunError, UsageError, check_ranges, first_line, path_type, run_command
+from cnngemma.inference import check_generation_length, compiled_generation, load_model, quantize_int8
+from cnngemma.outputs import check_replaceable, replace_folder
 from dataset_builder.demo import build_demo_dataset
 from modeling_cnngemma import check_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO_ROOT / "outputs" / "synth"
+TOOL = "metrics.evaluation"
+OUTPUT_FILES = ("metrics.json", "predictions.jsonl", "samples.html")
 
 
-class UsageError(ValueError):
-    """Bad input found before any work starts: printed as one 'error: ...' line, exit code 2."""
-
-
-class RunError(RuntimeError):
-    """A fault in the data, a saved file or the run itself (not in the flags): one 'error: ...' line, exit code 1."""
+def legacy_output(folder: Path) -> list[str] | None:
+    """An evaluation output of an earlier version (no record): nothing but its three files."""
+    present = sorted(p.name for p in folder.iterdir())
+    return present if present and set(present) <= set(OUTPUT_FILES) else None
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--model", required=True, help="A saved model folder (train_hf.py's output) or a Hub id.")
+    parser.add_argument(
+        "--model", required=True, type=path_type, help="A saved model folder (train_hf.py's output) or a Hub id."
+    )
     parser.add_argument(
         "--dataset",
         default=None,
+        type=path_type,
         help="A dataset_builder output folder or a Hub dataset id. Default: build (or reuse) the synthetic aerial "
         f"set in {DEMO_DATA.relative_to(REPO_ROOT)}/, as train_hf.py does.",
     )
@@ -58,7 +62,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--output_dir",
         default=str(REPO_ROOT / "outputs" / "eval"),
-        help="Where metrics.json, predictions.jsonl and samples.html go.",
+        type=path_type,
+        help="Where metrics.json, predictions.jsonl and samples.html go: a new or empty folder, or an earlier output of "
+        "this command, which is replaced once the new one is written.",
     )
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no", help="Autocast precision.")
     parser.add_argument("--max_eval_images", type=int, default=0, help="Cap on the images scored (0: all).")
@@ -103,13 +109,6 @@ def generation_rules(args) -> list[tuple[str, bool, str]]:
     ]
 
 
-def check_ranges(args, rules: list[tuple[str, bool, str]]):
-    """Out-of-range flags fail before anything is loaded, naming the flag, the value and the range."""
-    for name, ok, allowed in rules:
-        if not ok:
-            raise UsageError(f"--{name} {getattr(args, name)} is out of range; expected {allowed}.")
-
-
 def load_caption_dataset(path_or_id: str | None, num_synth_images: int, seed: int) -> datasets.DatasetDict:
     """The pair DatasetDict (image, image_id, caption) with train and validation/test splits. Call it inside
     `main_process_first()`: the default synthetic set is written on first use."""
@@ -125,7 +124,13 @@ def load_caption_dataset(path_or_id: str | None, num_synth_images: int, seed: in
                 f"--dataset {path_or_id}: not a dataset_builder output (no dataset_dict.json). "
                 "Build one with `python -m dataset_builder build ...`."
             )
-        dataset = datasets.load_from_disk(path_or_id)
+        try:
+            dataset = datasets.load_from_disk(path_or_id)
+        except (OSError, ValueError, KeyError) as error:  # a missing state.json, a truncated arrow file, bad JSON
+            raise RunError(
+                f"--dataset {path_or_id}: cannot read it ({type(error).__name__}: {first_line(error)}). Expected a "
+                "complete dataset_builder output; rebuild it with `python -m dataset_builder build ...`."
+            ) from None
     else:
         dataset = datasets.load_dataset(path_or_id)
     needed = {"image", "image_id", "caption"}
@@ -310,6 +315,7 @@ def write_gallery(images, rows, path: Path, count: int = 12):
 
 def evaluation_function(args):
     """Scores a saved model (folder or Hub id) on one split: metrics.json and predictions.jsonl as training writes."""
+    check_replaceable(args.output_dir, TOOL, legacy_output, "--output_dir")  # before minutes of captioning
     accelerator = Accelerator(
         cpu=args.quantize == "int8" or not torch.cuda.is_available(), mixed_precision=args.mixed_precision
     )
@@ -321,30 +327,23 @@ def evaluation_function(args):
         dataset = load_caption_dataset(args.dataset, args.synth_images, args.seed)
     if args.split not in dataset:
         raise UsageError(f"--split {args.split}: the dataset has splits {sorted(dataset)}.")
-    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True)
+    model, processor = load_model(args.model)
+    check_generation_length(model, processor, args.max_new_tokens)
     if args.quantize == "int8":
         model = quantize_int8(model)
     model = accelerator.prepare(model)
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     grouped = group_by_image(dataset[args.split], args.max_eval_images)
     scorer = CaptionScorer() if accelerator.is_main_process else None
     result, rows = evaluate_split(accelerator, model, processor, scorer, grouped, args, 0, args.split)
     if accelerator.is_main_process:
-        write_outputs(Path(args.output_dir), {**result, "model": args.model}, rows, grouped[0])
+        with replace_folder(args.output_dir, TOOL, legacy_output, "--output_dir") as folder:
+            write_outputs(folder, {**result, "model": args.model}, rows, grouped[0])
         report({"model": result}, rows, args.split)
     accelerator.end_training()
 
 
 def main(argv=None) -> int:
-    try:
-        evaluation_function(parse_args(argv))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except RunError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: evaluation_function(parse_args(argv)))
 
 
 if __name__ == "__main__":

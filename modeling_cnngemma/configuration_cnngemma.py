@@ -33,7 +33,13 @@ def probe_vision_tower(vision_model_name: str, image_size: int) -> tuple[int, in
                 f"image_size={image_size} is too small for {vision_model_name!r}, whose final feature map is "
                 f"{reduction}x smaller than its input; expected image_size >= {reduction}."
             )
-        features = model.forward_features(torch.empty(1, 3, image_size, image_size))
+        try:
+            features = model.forward_features(torch.empty(1, 3, image_size, image_size))
+        except (AssertionError, RuntimeError) as error:  # e.g. a ViT built for 224 px refuses other sizes
+            raise ValueError(
+                f"vision_model_name={vision_model_name!r} cannot encode {image_size} px images ({error}). Use a "
+                "convolutional timm model such as 'mobilenetv3_large_100' or 'efficientnet_b0'."
+            ) from None
     if features.ndim != 4:
         raise ValueError(
             f"vision_model_name={vision_model_name!r} is not a CNN: its forward_features returns a tensor of shape "
@@ -149,6 +155,10 @@ class CNNGemmaConfig(PreTrainedConfig):
             )
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
             raise ValueError(f"image_size={self.image_size!r} must be a positive int (pixels of the square input).")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            value = getattr(self.text_config, name, None)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"text_config.{name}={value!r} must be a positive int (a size of the decoder).")
         vocab_size = self.text_config.vocab_size
         if not 0 <= self.image_token_id < vocab_size:
             raise ValueError(

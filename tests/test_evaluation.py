@@ -103,9 +103,9 @@ def test_compile_generation_scores_the_same_captions(tmp_path, demo_dataset, sav
     `eager` backend keeps the test fast; the whole decode step is still traced (test_generation.py runs inductor)."""
     from torch._dynamo.utils import counters
 
-    import caption
+    from cnngemma import inference
 
-    monkeypatch.setattr(evaluation, "compiled_generation", lambda: caption.compiled_generation(backend="eager"))
+    monkeypatch.setattr(evaluation, "compiled_generation", lambda: inference.compiled_generation(backend="eager"))
     counters.clear()
     argv = ["--model", str(saved_model_dir), "--dataset", str(demo_dataset), "--split", "validation"]
     argv += ["--max_new_tokens", "6", "--eval_batch_size", "4"]

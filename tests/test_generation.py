@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, random_images
 
-from caption import compiled_generation
+from cnngemma.inference import compiled_generation
 
 # Prompts of different lengths, so a batch of 4 is left-padded (one row has no padding).
 PROMPTS = ["caption en", "caption the whole image en", "caption", "caption this aerial photo please en"]

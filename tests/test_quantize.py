@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from caption import ModelError, main, quantize_int8
+from caption import main
+from cnngemma.errors import RunError
+from cnngemma.inference import quantize_int8
 from metrics import evaluation
 
 
@@ -87,7 +89,7 @@ def test_int8_refuses_other_devices_and_mixed_precision(trained_demo, capsys):
     )
     model = nn.Module()
     model.weight = nn.Parameter(torch.zeros(1, device="meta"))
-    with pytest.raises(ModelError) as error:
+    with pytest.raises(RunError) as error:
         quantize_int8(model)
     assert str(error.value) == (
         "quantize_int8: the model is on meta, but int8 decoding runs on CPU only (torch's dynamic quantization has "

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerFast
 
 spec = importlib.util.spec_from_file_location("train_hf", REPO_ROOT / "train_hf.py")
 train_hf = importlib.util.module_from_spec(spec)
@@ -151,7 +152,7 @@ def test_long_caption_is_cut_and_counted_before_the_first_step(pairs, tmp_path, 
 
     long = variant(pairs, tmp_path / "long", "train", change)
     assert train(long, tmp_path / "out", "--max_steps", 1) == 0
-    tokenizer = train_hf.PreTrainedTokenizerFast.from_pretrained(tmp_path / "out")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "out")
     count = len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"])
     assert count > 3500
     assert (
@@ -188,8 +189,9 @@ def test_a_new_run_leaves_another_runs_checkpoints_alone(run_copy, pairs, capsys
     assert train(pairs, run_copy, "--checkpointing_steps", 1, "--seed", 8) == 2
     assert last_line(capsys) == (
         f"error: --output_dir {run_copy} holds another run's checkpoints (step_000001, step_000002); a new run there "
-        "would mix with them. Continue that run with --resume_from_checkpoint latest, delete them (and its final "
-        "model) with --overwrite_output_dir, or pass another --output_dir."
+        "would mix with them. Continue that run with --resume_from_checkpoint latest, replace it with "
+        "--overwrite_output_dir (the earlier run is deleted only once the new one has finished; disk use doubles "
+        "meanwhile), or pass another --output_dir."
     )
     assert states() == before
 
@@ -204,8 +206,9 @@ def test_resuming_an_earlier_checkpoint_would_overwrite_later_ones(run_copy, pai
     )
 
 
-def test_overwrite_output_dir_removes_the_earlier_run_first(run_copy, earlier_run, pairs):
-    (run_copy / "adapter_config.json").write_text("{}")  # a stale file of an earlier adapter-only save
+def test_overwrite_output_dir_replaces_the_earlier_run_at_its_end(run_copy, earlier_run, pairs):
+    """Only the earlier run's recorded files go; a file the user put there is kept byte for byte."""
+    (run_copy / "adapter_config.json").write_text("{}")  # not written by train_hf.py: the user's
     assert (
         train(pairs, run_copy, "--checkpointing_steps", 1, "--max_steps", 1, "--seed", 8, "--overwrite_output_dir")
         == 0
@@ -213,7 +216,8 @@ def test_overwrite_output_dir_removes_the_earlier_run_first(run_copy, earlier_ru
     assert [p.name for p in (run_copy / "checkpoints").iterdir()] == ["step_000001"]
     old_id = marker(earlier_run / "checkpoints" / "step_000001")["run_id"]
     assert marker(run_copy / "checkpoints" / "step_000001")["run_id"] != old_id
-    assert not (run_copy / "adapter_config.json").exists()
+    assert (run_copy / "adapter_config.json").read_text() == "{}"
+    assert not list(run_copy.glob(".overwrite-*")) and not list(run_copy.parent.glob(".run.*"))
     old, new = load_file(earlier_run / "model.safetensors"), load_file(run_copy / "model.safetensors")
     assert any(not (old[k] == new[k]).all() for k in old)
 
@@ -229,13 +233,18 @@ def test_resume_latest_continues_the_earlier_run_and_rotates_only_its_checkpoint
     assert marker(run_copy / "checkpoints" / "step_000003")["run_id"] == old_id
 
 
-def test_a_run_without_checkpoints_replaces_its_own_final_model(run_copy, earlier_run, pairs):
+def test_a_finished_run_without_checkpoints_is_not_overwritten(run_copy, pairs, capsys):
+    """The probe's R06: the guard looked at checkpoints/ only, so a second run replaced a finished model silently."""
     shutil.rmtree(run_copy / "checkpoints")
-    (run_copy / "adapter_config.json").write_text("{}")  # from an earlier --save_adapter_only run
-    assert train(pairs, run_copy, "--max_steps", 1, "--seed", 8) == 0
-    assert not (run_copy / "adapter_config.json").exists() and not (run_copy / ".partial-final").exists()
-    old, new = load_file(earlier_run / "model.safetensors"), load_file(run_copy / "model.safetensors")
-    assert any(not (old[k] == new[k]).all() for k in old)
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file() and p.name != ".cnngemma.lock"}
+    assert train(pairs, run_copy, "--max_steps", 1, "--seed", 8) == 2
+    line = last_line(capsys)
+    assert line.startswith(f"error: --output_dir {run_copy} holds a finished run of train_hf.py, written ")
+    assert line.endswith(
+        "To start again there, replace it with --overwrite_output_dir (the earlier run is deleted only once the new "
+        "one has finished; disk use doubles meanwhile), or pass another --output_dir."
+    )
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file() and p.name != ".cnngemma.lock"} == before
 
 
 def damage(checkpoint, kind):
