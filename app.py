@@ -26,7 +26,9 @@ import gradio as gr
 import torch
 from huggingface_hub import is_offline_mode
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from cnngemma import inference
+from cnngemma.errors import RunError
 
 MODEL_ENV = "CNNGEMMA_MODEL"
 # Images 9, 22, 64 and 65 of the CPU demo's synthetic set (seed 42, 128 px), all from its test split.
@@ -50,11 +52,17 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--port",
-        type=int,
-        default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-        help="Port to listen on (default: GRADIO_SERVER_PORT, else 7860).",
+        type=port_number,
+        default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
+        help="Port to listen on, 1-65535 (default: GRADIO_SERVER_PORT, else 7860).",
     )
     return parser.parse_args(argv)
+
+
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a TCP port number in 1..65535, e.g. 7860")
+    return int(text)
 
 
 class ModelSourceError(Exception):
@@ -81,14 +89,13 @@ def load_model(source: str | None, origin: str = "--model"):
             f"{origin}={source!r} is a folder without config.json: not a saved model. Pass the folder that "
             "train_hf.py or save_pretrained wrote (config.json, model.safetensors, processor files)."
         )
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
-    except (OSError, ValueError) as error:  # transformers' errors for a missing repo, file or unknown model type
+    try:  # every weight must load and the processor must fit the model (cnngemma.inference)
+        model, processor = inference.load_model(source, flag=origin)
+    except RunError as error:
         raise ModelSourceError(
-            f"{origin}={source!r} could not be loaded as a CNNGemma model: {error}\n"
-            "Pass a folder written by train_hf.py (config.json, model.safetensors, processor files) or its Hub id."
-        ) from error
+            f"{origin}={source!r} could not be loaded as a CNNGemma model: {error} Pass a folder written by "
+            "train_hf.py (config.json, model.safetensors, processor files) or its Hub id."
+        ) from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
 
@@ -206,7 +213,13 @@ def build_demo(captioner: Captioner | None, source: str, problem: str | None = N
                 files = gr.File(label="Images", file_count="multiple", type="filepath", elem_id="images")
                 decoding = gr.Radio(list(DECODINGS), value="greedy", label="Decoding")
                 num_beams = gr.Slider(2, 8, value=4, step=1, label="Beams (beam search only)")
-                max_new_tokens = gr.Slider(1, 128, value=32, step=1, label="Maximum new tokens")
+                # the decoder's positions bound the caption length
+                longest = (
+                    128
+                    if captioner is None
+                    else min(128, inference.generation_room(captioner.model, captioner.processor))
+                )
+                max_new_tokens = gr.Slider(1, longest, value=min(32, longest), step=1, label="Maximum new tokens")
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 if EXAMPLES:
                     gr.Examples(

@@ -206,10 +206,15 @@ def prompt_length(processor, prompt: str | None = None) -> int:
     return processor.num_image_tokens + 1 + len(prompt_ids)
 
 
+def generation_room(model, processor, prompt: str | None = None) -> int:
+    """The most new tokens the decoder's positions hold after the prompt."""
+    return model.config.text_config.max_position_embeddings - prompt_length(processor, prompt)
+
+
 def check_generation_length(model, processor, max_new_tokens: int, prompt: str | None = None, flag="--max_new_tokens"):
     """Refuses a caption length the decoder's positions cannot hold (it would decode for minutes past them)."""
     positions = model.config.text_config.max_position_embeddings
-    used = prompt_length(processor, prompt)
+    used = positions - generation_room(model, processor, prompt)
     if used + max_new_tokens > positions:
         raise UsageError(
             f"{flag} {max_new_tokens} does not fit: the decoder has {positions} positions and the prompt takes {used} "
