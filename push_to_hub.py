@@ -53,8 +53,15 @@ def text_type(expected: str):
     return check
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`push_to_hub.py: error: ...`, exit status 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="push_to_hub.py", description=__doc__.splitlines()[0])
+    parser = Parser(prog="push_to_hub.py", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model_dir", type=path_type, help="A train_hf.py output folder (save_pretrained files + metrics.json)."
     )

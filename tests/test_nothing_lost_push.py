@@ -59,10 +59,13 @@ def test_an_empty_dry_run_never_uploads(model_dir, value, capsys):
             ["--model_dir", str(model_dir), "--repo_id", "me/m", "--dry_run", value, "--token", FAKE_TOKEN], api
         )
     assert exit_info.value.code == 2 and api.calls == [] and api.uploads == []
-    assert last_error(capsys) == (
+    assert capsys.readouterr().err == (  # the whole of stderr: one line, no usage block
         f"push_to_hub.py: error: argument --dry_run: got {value!r}, expected a path. Pass one (an unset shell "
-        "variable gives an empty value)"
+        "variable gives an empty value)\n"
     )
+    # the same command without --dry_run is a real push: the stand-in is the client that would have been used
+    code, _, stderr = run_main(["--model_dir", model_dir, "--repo_id", "me/m", "--token", FAKE_TOKEN], api)
+    assert code == 0 and [call[0] for call in api.calls] == ["create_repo", "upload_folder"], stderr
 
 
 @pytest.mark.parametrize("flag", ["--model_dir", "--all", "--dataset_dir", "--base_model_dir", "--dry_run"])
