@@ -536,3 +536,17 @@ def test_a_truncated_dataset_is_named_in_one_line(built, tmp_path):
         "). Expected a complete `python -m dataset_builder build` output; nothing was sent. Fix: build it again.\n"
     )
     assert stderr.count("\n") == 1 and not (tmp_path / "up").exists()
+
+
+def test_the_pushed_dataset_is_named_only_when_it_is_the_one_trained_on(model_copy, tmp_path, built):
+    (model_copy / "train_args.json").write_text(json.dumps({"dataset": str(built / "mine")}))
+    base = ["--model_dir", model_copy, "--repo_id", "me/m", "--dataset_repo_id", "me/riscm"]
+    code, stdout, stderr = run_main([*base, "--dataset_dir", built / "mine", "--dry_run", tmp_path / "same"])
+    assert code == 0, stderr
+    assert f"dataset {built / 'mine'} -> me/riscm (train: 1 rows, validation: 1 rows, test: 1 rows" in stdout
+    card = (tmp_path / "same" / "README.md").read_text()
+    assert "datasets:\n- me/riscm\n" in card and "on RISCM caption data\n(`me/riscm`)" in card
+    code, _, stderr = run_main([*base, "--dataset_dir", built / "data", "--dry_run", tmp_path / "other"])
+    assert code == 0, stderr
+    card = (tmp_path / "other" / "README.md").read_text()
+    assert "datasets:" not in card and "me/riscm" not in card and "(local dataset `mine`)" in card
