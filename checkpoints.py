@@ -142,6 +142,7 @@ def open_run_folder(args) -> RunFolder:
                 f"--output_dir {output_dir}: {path} is a file; expected a folder for checkpoints and the final model. "
                 "Pass another --output_dir, or move the file away."
             )
+    refuse_foreign(output_dir)  # before the lock file: nothing is written into a folder of someone else's
     outputs.require_writable(output_dir, "--output_dir")
     lock = outputs.RunLock(output_dir).acquire()
     try:
@@ -151,7 +152,7 @@ def open_run_folder(args) -> RunFolder:
         raise
 
 
-def _open_run_folder(args, output_dir: Path, lock) -> RunFolder:
+def refuse_foreign(output_dir: Path):
     existing = outputs.survey(output_dir, TOOL, legacy_run, verified_checkpoints, verify=False)
     if existing.kind == "foreign":
         writer = f" (written by {existing.record['tool']})" if existing.record else ""
@@ -160,6 +161,11 @@ def _open_run_folder(args, output_dir: Path, lock) -> RunFolder:
             "Expected a new or empty folder, or an earlier train_hf.py run; no flag replaces other files. Pass "
             "another --output_dir."
         )
+    return existing
+
+
+def _open_run_folder(args, output_dir: Path, lock) -> RunFolder:
+    existing = refuse_foreign(output_dir)  # again, under the lock
     found = step_folders(output_dir)
     resume = find_resume(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     marker = read_marker(resume) if resume is not None else None
@@ -182,6 +188,8 @@ def _open_run_folder(args, output_dir: Path, lock) -> RunFolder:
             "which this run would overwrite. Resume from the latest (--resume_from_checkpoint latest), or delete the "
             "later ones first."
         )
+    if resume is not None:  # before the record changes: a refused resume leaves the folder as it was
+        check_resume_flags(json.loads((resume / "training_state.json").read_text()), args, resume)
     run_id = marker["run_id"] if ours else uuid.uuid4().hex
     earlier_run = existing.kind in ("ours", "legacy") and not ours
     if earlier_run and not args.overwrite_output_dir:

@@ -285,7 +285,7 @@ def train(args, run: checkpoints.RunFolder | None):
     if run.resume is not None:
         checkpoints.check_checkpoint(run.resume, accelerator.num_processes)
         state = json.loads((run.resume / "training_state.json").read_text())
-        changes = checkpoints.check_resume_flags(state, args, run.resume)
+        changes = checkpoints.changed_flags(state.get("args"), args)  # refused in open_run_folder unless applied
     with accelerator.main_process_first():
         dataset = evaluation.load_caption_dataset(args.dataset, args.synth_images, args.seed)
     train_pairs = dataset["train"]
@@ -361,77 +361,85 @@ def train(args, run: checkpoints.RunFolder | None):
         if changes:
             skip_batches = apply_changed_flags(changes, args, optimizer, scheduler, skip_batches, log)
         log(f"resumed from {run.resume} at step {global_step} (epoch {start_epoch}, batch {skip_batches})")
-    progress = tqdm(
+    with tqdm(
         total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
-    )
-    model.train()
-    # The logged loss is the mean over the micro-batches since the last log: fewer than logging_steps x
-    # gradient_accumulation_steps after a resume and at a last step that is not a multiple of logging_steps.
-    window_loss, window_batches, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
-    train_seconds, train_samples, tick = 0.0, 0, time.perf_counter()  # excludes evaluation and checkpoints
-    for epoch in range(start_epoch, num_epochs):
-        train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
-        batches_in_epoch, skip_batches = skip_batches, 0
-        for batch in loader:
-            batches_in_epoch += 1
-            if args.augment:
-                generator = torch.Generator().manual_seed(args.seed * 1_000_003 + global_step)
-                batch["pixel_values"] = augment(batch["pixel_values"].cpu(), generator).to(accelerator.device)
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                loss_value = accelerator.reduce(loss.detach().float(), "mean").item()  # every process stops together
-                if not math.isfinite(loss_value):
-                    progress.close()
-                    raise RunError(
-                        f"the training loss is {loss_value} at step {global_step + 1}: training stopped, no final "
-                        "model saved. Lower --learning_rate or the per-part rates, or check the data."
+    ) as progress:  # closed on errors too, so that its last line does not follow an error line
+        model.train()
+        # The logged loss is the mean over the micro-batches since the last log: fewer than logging_steps x
+        # gradient_accumulation_steps after a resume and at a last step that is not a multiple of logging_steps.
+        window_loss, window_batches, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+        train_seconds, train_samples, tick = 0.0, 0, time.perf_counter()  # excludes evaluation and checkpoints
+        for epoch in range(start_epoch, num_epochs):
+            train_loader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+            batches_in_epoch, skip_batches = skip_batches, 0
+            for batch in loader:
+                batches_in_epoch += 1
+                if args.augment:
+                    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + global_step)
+                    batch["pixel_values"] = augment(batch["pixel_values"].cpu(), generator).to(accelerator.device)
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    loss_value = accelerator.reduce(
+                        loss.detach().float(), "mean"
+                    ).item()  # every process stops together
+                    if not math.isfinite(loss_value):
+                        raise RunError(
+                            f"the training loss is {loss_value} at step {global_step + 1}: training stopped, no final "
+                            "model saved. Lower --learning_rate or the per-part rates, or check the data."
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                window_loss += loss_value
+                window_batches += 1
+                window_samples += batch["input_ids"].shape[0] * accelerator.num_processes
+                train_samples += batch["input_ids"].shape[0] * accelerator.num_processes
+                train_seconds, tick = train_seconds + time.perf_counter() - tick, time.perf_counter()
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
+                if global_step % args.logging_steps == 0 or global_step == max_steps:
+                    mean_loss, lr = window_loss / window_batches, scheduler.get_last_lr()[0]
+                    speed = window_samples / (time.perf_counter() - window_start)
+                    accelerator.log(
+                        {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_second": speed}, step=global_step
                     )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            window_loss += loss_value
-            window_batches += 1
-            window_samples += batch["input_ids"].shape[0] * accelerator.num_processes
-            train_samples += batch["input_ids"].shape[0] * accelerator.num_processes
-            train_seconds, tick = train_seconds + time.perf_counter() - tick, time.perf_counter()
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            if global_step % args.logging_steps == 0 or global_step == max_steps:
-                mean_loss, lr = window_loss / window_batches, scheduler.get_last_lr()[0]
-                speed = window_samples / (time.perf_counter() - window_start)
-                accelerator.log(
-                    {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_second": speed}, step=global_step
-                )
-                loss_history.append((global_step, mean_loss))
-                progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", samples_s=f"{speed:.0f}")
-                window_loss, window_batches, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
-            if args.eval_steps and not args.no_eval and global_step % args.eval_steps == 0 and global_step < max_steps:
-                result, _ = evaluation.evaluate_split(
-                    accelerator, model, processor, scorer, val, args, global_step, val_split
-                )
-                history.append(result)
-                accelerator.log(
-                    {f"{val_split}/{k}": result[k] for k in METRIC_KEYS if result.get(k) is not None}, step=global_step
-                )
-                log(f"step {global_step}: {val_split} CIDEr {result.get('cider', float('nan')):.3f}")
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                state = dict(global_step=global_step, epoch=epoch, batches_in_epoch=batches_in_epoch, history=history)
-                state.update(loss_history=loss_history, args=json.loads(json.dumps(vars(args), default=str)))
-                if batches_in_epoch == len(train_loader):
-                    state.update(epoch=epoch + 1, batches_in_epoch=0)
-                checkpoints.save_checkpoint(accelerator, run, state, args.checkpoints_total_limit)
-            tick = time.perf_counter()
+                    loss_history.append((global_step, mean_loss))
+                    progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}", samples_s=f"{speed:.0f}")
+                    window_loss, window_batches, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+                if (
+                    args.eval_steps
+                    and not args.no_eval
+                    and global_step % args.eval_steps == 0
+                    and global_step < max_steps
+                ):
+                    result, _ = evaluation.evaluate_split(
+                        accelerator, model, processor, scorer, val, args, global_step, val_split
+                    )
+                    history.append(result)
+                    accelerator.log(
+                        {f"{val_split}/{k}": result[k] for k in METRIC_KEYS if result.get(k) is not None},
+                        step=global_step,
+                    )
+                    log(f"step {global_step}: {val_split} CIDEr {result.get('cider', float('nan')):.3f}")
+                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                    state = dict(
+                        global_step=global_step, epoch=epoch, batches_in_epoch=batches_in_epoch, history=history
+                    )
+                    state.update(loss_history=loss_history, args=json.loads(json.dumps(vars(args), default=str)))
+                    if batches_in_epoch == len(train_loader):
+                        state.update(epoch=epoch + 1, batches_in_epoch=0)
+                    checkpoints.save_checkpoint(accelerator, run, state, args.checkpoints_total_limit)
+                tick = time.perf_counter()
+                if global_step >= max_steps:
+                    break
             if global_step >= max_steps:
                 break
-        if global_step >= max_steps:
-            break
-    progress.close()
     save_final_model(accelerator, model, processor, args, run)
     if accelerator.is_main_process:
         (output_dir / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")

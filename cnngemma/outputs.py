@@ -151,7 +151,7 @@ def survey(
     if record is None and legacy is not None and (layout := legacy(path)) is not None:
         own = [name for name in present if name in set(layout) | extra | NOT_RECORDED]
         return Existing(path, "legacy", own, [name for name in present if name not in own])
-    return Existing(path, "foreign", [], present, record)
+    return Existing(path, "foreign", [], [name for name in present if name not in NOT_RECORDED], record)
 
 
 def matches(path: Path, entry: dict | None) -> bool:

@@ -70,10 +70,22 @@ def stamp(folder: Path, save_id: str):
             (folder / name).write_text(json.dumps({**data, SAVE_ID: save_id}, indent=2) + "\n", encoding="utf-8")
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The model's safetensors files: model.safetensors, or the shards its index names (other .safetensors files in
+    the folder, a user's or an adapter's, are not the model's)."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()
+        return [folder / name for name in sorted(set(shards)) if (folder / name).is_file()]
+    return []
+
+
 def save_ids(folder: Path) -> dict[str, str | None]:
     """{file name: its save id or None} for the files that carry one; ValueError or OSError for an unreadable one."""
     ids = {}
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in weight_files(folder):
         ids[path.name] = read_safetensors_metadata(path).get(SAVE_ID)
     for name in STAMPED_JSON:
         if (folder / name).is_file():
