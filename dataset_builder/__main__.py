@@ -1,6 +1,7 @@
 """Command line: `python -m dataset_builder {build,score,synth,push}`; each error ends in one clear line.
 
-Exit status: 0 done, 1 bad data (a table, an image folder, the Hub), 2 bad arguments (nothing was read or written).
+Exit status: 0 done, 1 bad data (a table, an image folder, the Hub), 2 bad arguments (nothing was read or written;
+this includes an --output that holds other files than an earlier output of the same command).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from cnngemma.errors import UsageError
 
 from .tables import SPLIT_ALIASES
 
@@ -53,7 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     images.add_argument("--images", help="folder holding the files named in the image column (RISCM: resized/)")
     images.add_argument("--captions-only", action="store_true", help="build without images (no image column)")
     build.add_argument(
-        "--output", required=True, help="output folder; written atomically, replaced if it is an earlier output"
+        "--output",
+        required=True,
+        help="output folder: written beside it and swapped in at the end; an existing one is replaced only if it is "
+        "an earlier build (files of yours inside it are kept and listed), any other folder is refused",
     )
     build.add_argument(
         "--split",
@@ -82,6 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="processes for image checks, 1 or more (default: all CPU cores)",
     )
     build.add_argument(
+        "--nodata",
+        type=float,
+        help="pixel value that marks missing data in images that do not declare one (e.g. 0 for Landsat's collars): "
+        "left out of the 2-98 percentile stretch and shown black; a TIFF's own GDAL_NODATA and NaN always are",
+    )
+    build.add_argument(
         "--drop-eval-duplicates",
         action="store_true",
         help="leave out validation and test images that are exact or near duplicates of a training image "
@@ -98,7 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
 
     synth = commands.add_parser("synth", help="make a synthetic aerial caption set in RISCM's raw layout")
-    synth.add_argument("--output", required=True, help="output folder (captions.csv + resized/*.jpg)")
+    synth.add_argument(
+        "--output",
+        required=True,
+        help="output folder (captions.csv + resized/*.jpg); an existing one is replaced only if it is an earlier "
+        "synth output",
+    )
     synth.add_argument("--num-images", type=_at_least(1), default=2000, help="number of images")
     synth.add_argument(
         "--seed", type=_at_least(0), default=0, help="random seed (0 or more); the output is a function of it"
@@ -118,23 +135,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "build":
-            from .build import UsageError, build
+            from .build import build
 
-            try:
-                stats = build(
-                    args.captions,
-                    args.output,
-                    images=None if args.captions_only else args.images,
-                    split=args.split,
-                    source=args.source,
-                    max_side=args.max_side,
-                    strict=args.strict,
-                    num_workers=args.num_workers,
-                    drop_eval_duplicates=args.drop_eval_duplicates,
-                )
-            except UsageError as error:  # checked before any work: the arguments, not the data, need fixing
-                print(f"error: {error}", file=sys.stderr)
-                return 2
+            stats = build(
+                args.captions,
+                args.output,
+                images=None if args.captions_only else args.images,
+                split=args.split,
+                source=args.source,
+                max_side=args.max_side,
+                strict=args.strict,
+                num_workers=args.num_workers,
+                drop_eval_duplicates=args.drop_eval_duplicates,
+                nodata=args.nodata,
+            )
             from .card import counts_table
 
             print(counts_table(stats["counts"]))
@@ -162,6 +176,9 @@ def main(argv=None) -> int:
             from .push import hub_api, push_dataset
 
             print(push_dataset(hub_api(), args.dataset, args.repo_id, private=args.private))
+    except UsageError as error:  # checked before any work: the arguments, not the data, need fixing
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, RuntimeError) as error:
         # TableError, StrictError, offline errors...: one message the user can act on, no traceback.
         print(f"error: {error}", file=sys.stderr)

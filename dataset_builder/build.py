@@ -1,17 +1,21 @@
 """`build`: a caption table (+ images) -> a cleaned, de-duplicated `datasets.DatasetDict` with a report.
 
 Output folder: the pair DatasetDict (save_to_disk), `csv/{train,val,test}.csv`, `grouped/` (one row per image),
-`problems.csv`, `duplicates.csv` (every pair of copied images), `stats.json` and the dataset card `README.md`. See
-the package README section for the layout. Only files that resolve inside `--images` are read.
+`problems.csv`, `duplicates.csv` (every pair of copied images), `stats.json`, the dataset card `README.md` and the
+record `cnngemma_output.json`. See the package README section for the layout. Only files that resolve inside
+`--images` are read; an existing `--output` is replaced only when it is an earlier build's (`cnngemma.outputs`).
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import errno
 import hashlib
 import json
+import math
 import multiprocessing
 import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -24,12 +28,17 @@ import pyarrow as pa
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .atomic import atomic_directory, check_replaceable
+from cnngemma.errors import UsageError
+from cnngemma.outputs import no_space_message, refuse_foreign, replace_folder, survey
+from modeling_cnngemma.image_processing_cnngemma import PIXEL_LIMIT
+
 from .card import write_card
-from .cleaning import clean_captions, reference_order
+from .cleaning import clean_captions, describe_invisible, normalise, reference_order
 from .duplicates import HASH_BITS, HASH_SIZE, NEAR_DISTANCE, find_duplicates
-from .images import ImageCheck, check_image
-from .tables import DATASET_SPLITS, TABLE_SPLITS, ImageRecord, read_caption_table
+from .images import ImageCheck, check_image, missing
+from .tables import DATASET_SPLITS, TABLE_SPLITS, ImageRecord, read_caption_table, write_csv
+
+__all__ = ["TOOL", "StrictError", "UsageError", "build", "build_layout", "write_errors"]
 
 STATS_VERSION = 3
 MIN_MAX_SIDE = 32  # smaller images hold too little for a caption, and resizing to 0 pixels fails
@@ -55,14 +64,32 @@ DUPLICATE_COLUMNS = (
     "outcome",  # kept, or dropped by --drop-eval-duplicates
 )
 CHUNK = 1024  # pair rows per Arrow write when images are copied
+TOOL = "dataset_builder build"  # the name in the output's record; `score` rewrites a build under it too
+# The files of a build output, for earlier versions' outputs without a record: save_to_disk's split folders, the
+# listings, grouped/ and an earlier `score`'s report
+_LAYOUT = re.compile(
+    r"(dataset_dict\.json|stats\.json|README\.md|problems\.csv|duplicates\.csv|csv/[^/]+\.csv"
+    r"|(train|validation|test)/(data-\d{5}-of-\d{5}\.arrow|dataset_info\.json|state\.json)|grouped/.+"
+    r"|clip_report/(histogram\.png|lowest\.png|lowest\.csv))"
+)
 
 
 class StrictError(RuntimeError):
     """--strict and at least one image could not be used."""
 
 
-class UsageError(ValueError):
-    """Arguments out of range or in conflict, found before any work; the command line exits with status 2."""
+def build_layout(folder: Path) -> list[str] | None:
+    """The files an earlier version of `build` (or `score`) wrote in `folder`, or None if it is no build output: one
+    has dataset_dict.json and a stats.json whose "builder" starts with "dataset_builder/"."""
+    try:
+        stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    builder = stats.get("builder") if isinstance(stats, dict) else None
+    if not (folder / "dataset_dict.json").is_file() or not str(builder).startswith("dataset_builder/"):
+        return None
+    names = (path.relative_to(folder).as_posix() for path in folder.rglob("*") if not path.is_dir())
+    return [name for name in names if _LAYOUT.fullmatch(name)]
 
 
 def pair_features(with_images: bool) -> datasets.Features:
@@ -112,10 +139,24 @@ def _resolve_inside(root: Path, name: str) -> tuple[Path | None, ImageCheck | No
             "only files inside --images are read"
         )
         return None, ImageCheck(data=None, problem=reason, kind="outside")
+    if os.path.islink(path) and not os.path.exists(resolved):
+        return None, missing(Path(path))
     return resolved, None
 
 
-def _check_one(name: str, root: Path, max_side: int) -> tuple[ImageCheck, str | None]:
+@contextlib.contextmanager
+def write_errors(flag: str, folder: Path):
+    """A full disk, a quota or a file-size limit hit while the output is written: one line (the earlier output is
+    untouched: it is replaced only once the new one is complete)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise no_space_message(error, f"writing {flag} {folder}") from None
+        raise
+
+
+def _check_one(name: str, root: Path, max_side: int, nodata: float | None) -> tuple[ImageCheck, str | None]:
     """`check_image` of the file `name` names inside `root`, and the format of a file whose stored bytes differ from
     it for no reason `check_image` gives (an RGB WebP, BMP or TIFF is re-encoded as PNG: it is listed all the same).
     """
@@ -123,10 +164,10 @@ def _check_one(name: str, root: Path, max_side: int) -> tuple[ImageCheck, str | 
     if refused is not None:
         return refused, None
     try:
-        check = check_image(path, max_side=max_side)
+        check = check_image(path, max_side=max_side, nodata=nodata)
     except OSError as error:  # no read permission, a name too long: this row is listed, the build goes on
         return ImageCheck(data=None, problem=f"unreadable: {error}", kind="unreadable"), None
-    if check.data is None or check.converted_from or check.downscaled_from:
+    if check.data is None or check.converted_from or check.downscaled_from or check.oversized:
         return check, None
     with open(path, "rb") as file:  # a re-encoded file differs from the stored bytes in size or in its first bytes
         if os.fstat(file.fileno()).st_size == len(check.data) and check.data.startswith(file.read(64)):
@@ -138,9 +179,9 @@ def _check_one(name: str, root: Path, max_side: int) -> tuple[ImageCheck, str | 
         return check, "unknown format"
 
 
-def _check_images(names: list[str], root: Path, max_side: int, num_workers: int):
+def _check_images(names: list[str], root: Path, max_side: int, num_workers: int, nodata: float | None = None):
     """Yield (ImageCheck, re-encoded format) per image name, in order, using worker processes for real work."""
-    worker = partial(_check_one, root=root, max_side=max_side)
+    worker = partial(_check_one, root=root, max_side=max_side, nodata=nodata)
     progress = dict(total=len(names), desc="checking images", unit="img", mininterval=1.0)
     if num_workers <= 1 or len(names) < 64:
         yield from tqdm(map(worker, names), **progress)
@@ -161,12 +202,6 @@ def _write_arrow(path: Path, features: datasets.Features, tables) -> datasets.ta
             writer.write_table(table)
         writer.finalize()
     return datasets.table.MemoryMappedTable.from_file(str(path))
-
-
-def _write_csv(path: Path, rows) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as file:
-        writer = csv.writer(file, lineterminator="\n")
-        writer.writerows(rows)
 
 
 def _folder_size(path: Path) -> int:
@@ -230,7 +265,9 @@ def _find_duplicates(entries: list[_Image], folder: Path, drop_eval: bool, probl
     return rows, stats
 
 
-def _check_arguments(captions, output: Path, images, max_side: int, num_workers: int | None, drop_eval: bool) -> None:
+def _check_arguments(
+    captions, output: Path, images, max_side: int, num_workers: int | None, drop_eval: bool, nodata: float | None
+) -> None:
     """Every check that needs no reading: values in range, and an output that can be replaced without losing data."""
     if max_side < MIN_MAX_SIDE:
         raise UsageError(
@@ -241,6 +278,17 @@ def _check_arguments(captions, output: Path, images, max_side: int, num_workers:
         raise UsageError(
             f"--num-workers {num_workers} is not a number of processes. Expected 1 or more. "
             "Fix: pass --num-workers 1 to check images in this process, or leave it out to use every CPU core."
+        )
+    if nodata is not None and not math.isfinite(nodata):
+        raise UsageError(
+            f"--nodata {nodata} is not a value pixels can be compared with: NaN and infinite values are always "
+            "treated as no data. Expected a finite number such as 0 or -9999. Fix: pass that number, or leave "
+            "--nodata out."
+        )
+    if nodata is not None and images is None:
+        raise UsageError(
+            "--nodata applies to images, but the build is captions only. Expected --images FOLDER. Fix: pass "
+            "--images, or leave out --nodata."
         )
     if drop_eval and images is None:
         raise UsageError(
@@ -265,7 +313,12 @@ def _check_arguments(captions, output: Path, images, max_side: int, num_workers:
                 f"--images {images} is inside --output {output}, which the build replaces. Expected the images "
                 "outside the output folder. Fix: move the images, or choose another --output."
             )
-    check_replaceable(output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(
+            f"--output {output} is a file. Expected a folder: a new or empty one, or an earlier output to replace. "
+            "Fix: choose another --output; a file is never replaced."
+        )
+    refuse_foreign(survey(output, TOOL, build_layout), TOOL, "--output")
     if images is not None and not Path(images).is_dir():
         raise FileNotFoundError(
             f"--images {images} is not a folder. Expected the folder holding the files named in "
@@ -286,7 +339,7 @@ def _long_captions(entries: list[_Image], name_of) -> tuple[int, list[tuple[str,
         for text in entry.kept:
             if len(text) > limit:
                 # the kept caption is the stripped first occurrence: its number is that of the first equal caption
-                number = next(k for k, caption in enumerate(entry.record.captions) if caption.strip() == text)
+                number = next(k for k, caption in enumerate(entry.record.captions) if normalise(caption) == text)
                 rows.append(
                     (
                         name_of(entry),
@@ -308,20 +361,31 @@ def build(
     strict: bool = False,
     num_workers: int | None = None,
     drop_eval_duplicates: bool = False,
+    nodata: float | None = None,
 ) -> dict:
     """Build the dataset; `images=None` means captions only. Returns the stats written to `stats.json`.
 
     Duplicate images are always listed; `drop_eval_duplicates` also leaves out validation and test images that are
     exact or near copies of a training image, so that evaluation does not score pictures the model trained on.
-    Images are read only where they resolve inside `images`; any other name is listed as a problem.
+    Images are read only where they resolve inside `images`; any other name is listed as a problem. `nodata`: a
+    pixel value that marks missing data in images that do not declare one (`load_image`'s argument).
     """
     output = Path(output)
-    _check_arguments(captions, output, images, max_side, num_workers, drop_eval_duplicates)
+    _check_arguments(captions, output, images, max_side, num_workers, drop_eval_duplicates, nodata)
     table = read_caption_table(captions, split=split, source=source)
-    entries = []
+    entries, invisible_rows = [], []
     for record in table.records:
         cleaned = clean_captions(record.captions)
         entries.append(_Image(record, cleaned.kept, cleaned.duplicates, cleaned.empties))
+        for number in cleaned.invisible:  # a blank caption shows as blank; these look filled in the table
+            invisible_rows.append(
+                (
+                    record.image,
+                    record.caption_lines[number],
+                    f"caption {number + 1} holds only invisible characters "
+                    f"({describe_invisible(normalise(record.captions[number]))}): dropped as an empty caption",
+                )
+            )
     if not any(entry.kept for entry in entries):
         raise ValueError(
             f"{captions}: all {sum(len(entry.record.captions) for entry in entries)} captions of its "
@@ -337,7 +401,7 @@ def build(
     if images is not None:
         names = [entry.record.image for entry in entries]
         workers = num_workers if num_workers is not None else os.cpu_count()
-        checked = _check_images(names, Path(images).resolve(), max_side, workers)
+        checked = _check_images(names, Path(images).resolve(), max_side, workers, nodata)
         for entry, (check, reencoded_from) in zip(entries, checked, strict=True):
             entry.check = check
             where, line = name_of(entry), entry.record.line
@@ -352,16 +416,23 @@ def build(
                 stored = "PNG" if check.data.startswith(b"\x89PNG") else "JPEG"
                 image_checks[f"converted from {reencoded_from}"] += 1
                 problems.append((where, line, f"converted: {reencoded_from} stored as {stored} (row kept)"))
-            if check.downscaled_from:
-                image_checks["downscaled"] += 1
-                width, height = check.downscaled_from
+            if check.oversized:
+                image_checks["re-encoded: oversized file"] += 1
                 problems.append(
                     (
                         where,
                         line,
-                        f"downscaled: {width}x{height} to "
-                        f"{check.size[0]}x{check.size[1]} (--max-side {max_side}, row kept)",
+                        f"re-encoded: the file has {check.oversized:,} bytes, far more than {check.size[0]}x"
+                        f"{check.size[1]} pixels need (data after the picture?); the picture is stored re-encoded "
+                        "(row kept)",
                     )
+                )
+            if check.downscaled_from:
+                image_checks["downscaled"] += 1
+                width, height = check.downscaled_from
+                cap = f"--max-side {max_side}" if max(width, height) > max_side else f"over {PIXEL_LIMIT:,} pixels"
+                problems.append(
+                    (where, line, f"downscaled: {width}x{height} to {check.size[0]}x{check.size[1]} ({cap}, row kept)")
                 )
         broken = [problem for problem in problems if problem[2].endswith("(row dropped)")]
         if strict and broken:
@@ -371,6 +442,7 @@ def build(
                 "Fix the files, or run without --strict to leave these rows out (they are listed in "
                 "problems.csv)."
             )
+    problems += invisible_rows
     for entry in entries:
         usable = entry.check is None or entry.check.data is not None
         if usable and not entry.kept:
@@ -429,14 +501,15 @@ def build(
             else "the train split is empty: the table has no train rows (an evaluation-only build)"
         )
 
-    digest = hashlib.sha256(Path(captions).read_bytes())
-    digest.update(json.dumps([images is not None, max_side, split, source, drop_eval_duplicates]).encode())
+    digest = hashlib.sha256(table.sha256.encode())
+    settings = [images is not None, max_side, split, source, drop_eval_duplicates]
+    digest.update(json.dumps(settings + ([nodata] if nodata is not None else [])).encode())
     for entry in entries:
         if entry.check is not None and entry.check.sha256:
             digest.update(entry.check.sha256.encode())
     fingerprint = digest.hexdigest()
 
-    with atomic_directory(output) as work:
+    with write_errors("--output", output), replace_folder(output, TOOL, legacy=build_layout, flag="--output") as work:
         pair_splits, grouped_splits, empty_splits = {}, {}, []
         (work / "csv").mkdir()
         scratch = work / "_scratch"
@@ -444,7 +517,7 @@ def build(
         for table_split in TABLE_SPLITS:
             members = by_split[table_split]
             pairs = reference_order([entry.kept for entry in members])
-            _write_csv(
+            write_csv(
                 work / "csv" / f"{table_split}.csv",
                 [("image", "caption")] + [(members[index].record.image, text) for index, text in pairs],
             )
@@ -500,18 +573,19 @@ def build(
         for leftover in scratch.iterdir():
             leftover.unlink()
         scratch.rmdir()
-        _write_csv(work / "problems.csv", [("path", "row", "reason")] + problems)
+        write_csv(work / "problems.csv", [("path", "row", "reason")] + problems)
         if images is not None:
-            _write_csv(work / "duplicates.csv", [DUPLICATE_COLUMNS] + duplicate_rows)
+            write_csv(work / "duplicates.csv", [DUPLICATE_COLUMNS] + duplicate_rows)
         stats = {
             "builder": f"dataset_builder/{STATS_VERSION}",
             "captions_file": Path(captions).name,
-            "captions_sha256": hashlib.sha256(Path(captions).read_bytes()).hexdigest(),
+            "captions_sha256": table.sha256,
             "layout": table.layout,
             "line_ending": table.line_ending,
             "encoding": table.encoding,
             "with_images": images is not None,
             "max_side": max_side if images is not None else None,
+            "nodata": nodata,
             "fingerprint": fingerprint,
             "splits": [name for name in DATASET_SPLITS.values() if name not in empty_splits],
             "empty_splits": empty_splits,

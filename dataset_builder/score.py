@@ -7,7 +7,6 @@ Each image is embedded once (from `grouped/`), each caption once.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import shutil
@@ -18,10 +17,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cnngemma.outputs import replace_folder, survey
 from modeling_cnngemma import check_source
 
-from .atomic import atomic_directory
+from .build import TOOL, build_layout, write_errors
 from .card import write_card
+from .tables import write_csv
 
 
 def _features(output):
@@ -101,10 +102,11 @@ def _write_report(folder: Path, rows: list[tuple[str, str, str, float]], pairs: 
     figure.savefig(folder / "histogram.png")
     plt.close(figure)
     worst = sorted(range(len(rows)), key=lambda k: (rows[k][3], k))[:lowest]
-    with open(folder / "lowest.csv", "w", encoding="utf-8", newline="") as file:
-        writer = csv.writer(file, lineterminator="\n")
-        writer.writerow(["split", "image_id", "caption", "clip_score"])
-        writer.writerows([*rows[k][:3], f"{rows[k][3]:.4f}"] for k in worst)
+    # the score as a number: a negative one stays a number in a spreadsheet, not text with an apostrophe
+    write_csv(
+        folder / "lowest.csv",
+        [["split", "image_id", "caption", "clip_score"], *([*rows[k][:3], round(rows[k][3], 4)] for k in worst)],
+    )
     raw = {split: grouped.cast_column("image", datasets.Image(decode=False)) for split, grouped in pairs.items()}
     row_of = {
         (split, image_id): row for split, grouped in pairs.items() for row, image_id in enumerate(grouped["image_id"])
@@ -117,12 +119,13 @@ def _write_report(folder: Path, rows: list[tuple[str, str, str, float]], pairs: 
 
 
 def score(dataset: str | Path, clip_model: str, batch_size: int = 64, device: str = "cpu", lowest: int = 16) -> dict:
-    """Score every pair of a built dataset in place (atomically) and write the report; returns a summary."""
+    """Score every pair of a built dataset in place (new first: the folder is swapped whole at the end) and write the
+    report; returns a summary."""
     dataset = Path(dataset)
-    if not (dataset / "stats.json").is_file():
+    if survey(dataset, TOOL, build_layout).kind not in ("ours", "legacy"):
         raise FileNotFoundError(
-            f"--dataset {dataset}: not a dataset_builder output (no stats.json). Expected the "
-            "--output folder of `build`. Fix: build it first."
+            f"--dataset {dataset}: not a dataset_builder build output (no record of `build`, nor its dataset_dict.json "
+            "and stats.json). Expected the --output folder of `build`. Fix: build it first."
         )
     stats = json.loads((dataset / "stats.json").read_text(encoding="utf-8"))
     if not stats["with_images"]:
@@ -161,7 +164,10 @@ def score(dataset: str | Path, clip_model: str, batch_size: int = 64, device: st
         "max": float(all_scores.max()),
         "lowest": min(lowest, len(rows)),
     }
-    with atomic_directory(dataset) as work:
+    with (
+        write_errors("--dataset", dataset),
+        replace_folder(dataset, TOOL, legacy=build_layout, flag="--dataset") as work,
+    ):
         datasets.DatasetDict(scored).save_to_disk(str(work))
         for name in ("grouped", "csv"):
             shutil.copytree(dataset / name, work / name)

@@ -7,9 +7,9 @@ variants) inserted. The output is a function of the seed: image i uses its own g
 
 from __future__ import annotations
 
-import csv
 import json
 import math
+import re
 import textwrap
 from pathlib import Path
 
@@ -17,7 +17,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .atomic import atomic_directory
+from cnngemma.outputs import replace_folder
+
+from .tables import write_csv
 
 COLOURS = {
     "red": (205, 40, 35),
@@ -42,6 +44,8 @@ POSITIONS = {  # region centre (x, y) as a fraction of the side, and its phrase
     "bottom": ((0.5, 0.75), "at the bottom"),
     "bottom right": ((0.73, 0.73), "in the bottom right corner"),
 }
+TOOL = "dataset_builder synth"  # the name in the output's record
+_LAYOUT = re.compile(r"stats\.json|captions\.csv|resized/SYN_\d{5}\.jpg")  # an earlier version's files
 REGION_HALF = 0.23  # objects are placed in a box of side 2 * REGION_HALF around the region centre
 SUPERSAMPLE = 2  # draw at twice the size and downsample: smooth edges at no cost in code
 
@@ -585,10 +589,27 @@ def write_grid(examples, path: str | Path, cell: int = 224, columns: int = 4) ->
     sheet.save(path)
 
 
+def synth_layout(folder: Path) -> list[str] | None:
+    """The files an earlier version of `synth` wrote in `folder` (no record), or None if it is no synth output: one has
+    captions.csv, resized/ and a stats.json with exactly the keys images, seed, size, splits, scenes."""
+    try:
+        stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    keys = set(stats) if isinstance(stats, dict) else set()
+    if keys != {"images", "seed", "size", "splits", "scenes"} or not (folder / "captions.csv").is_file():
+        return None
+    if not (folder / "resized").is_dir():
+        return None
+    names = (path.relative_to(folder).as_posix() for path in folder.rglob("*") if not path.is_dir())
+    return [name for name in names if _LAYOUT.fullmatch(name)]
+
+
 def synthesize(
     output: str | Path, num_images: int = 2000, seed: int = 0, size: int = 224, grid: str | Path | None = None
 ) -> dict:
-    """Write `output/captions.csv` (RISCM raw layout) and `output/resized/SYN_#####.jpg`, atomically."""
+    """Write `output/captions.csv` (RISCM raw layout) and `output/resized/SYN_#####.jpg`, new first (an existing
+    `output` is replaced only when it is an earlier synth output; see `cnngemma.outputs`)."""
     if num_images < 1:
         raise ValueError(f"--num-images {num_images}: expected at least 1.")
     if size < 32:
@@ -596,7 +617,7 @@ def synthesize(
     split_rng = np.random.default_rng([seed, 2**31])
     splits = [_split_of(value) for value in split_rng.random(num_images)]
     rows, scenes, examples, seen = [], {}, [], set()
-    with atomic_directory(output) as work:
+    with replace_folder(output, TOOL, legacy=synth_layout, flag="--output") as work:
         (work / "resized").mkdir()
         for index in tqdm(range(num_images), desc="synthesising", unit="img", mininterval=1.0):
             image, captions, facts = make_example(seed, index, size)
@@ -607,10 +628,7 @@ def synthesize(
             if grid is not None and len(examples) < 16 and (facts["scene"] not in seen or len(seen) == len(SCENES)):
                 seen.add(facts["scene"])  # one of each scene kind first, then the next ones
                 examples.append((image, captions[0].strip()))
-        with open(work / "captions.csv", "w", encoding="utf-8", newline="") as file:
-            writer = csv.writer(file, lineterminator="\n")
-            writer.writerow(["source", "split", "image", *(f"caption_{n}" for n in range(1, 6))])
-            writer.writerows(rows)
+        write_csv(work / "captions.csv", [["source", "split", "image", *(f"caption_{n}" for n in range(1, 6))], *rows])
         summary = {
             "images": num_images,
             "seed": seed,

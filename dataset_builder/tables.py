@@ -1,4 +1,4 @@
-"""Reading and validating caption tables: RISCM's raw layout or the long layout.
+"""Reading and validating caption tables (RISCM's raw layout or the long layout), and writing the builder's CSV files.
 
 Every problem with a table is a `TableError` naming the file, the line and the column, what was found, what was
 expected and how to fix it. Nothing is guessed or silently repaired; a byte-order mark names the encoding.
@@ -9,8 +9,11 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
+import hashlib
 import io
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,10 @@ TABLE_SPLITS = ("train", "val", "test")
 DATASET_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 DEFAULT_SOURCE = "unknown"
 _CAPTION_N = re.compile(r"caption_(\d+)")
+FIELD_LIMIT = 131_072  # characters in one field: Python's csv default; a longer one is no caption
+# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...), +cmd|...): OWASP's list
+# https://owasp.org/www-community/attacks/CSV_Injection
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 class TableError(ValueError):
@@ -51,6 +58,50 @@ class CaptionTable:
     line_ending: str  # "LF" or "CRLF"
     records: list[ImageRecord]
     encoding: str = "UTF-8"  # or "UTF-8 with BOM", "UTF-16 LE with BOM", ...
+    sha256: str = ""  # of the bytes read: a pipe can be read only once
+
+
+def spreadsheet_safe(cell):
+    """A text cell that a spreadsheet would run as a formula, with a leading apostrophe (shown, never run); numbers
+    and other text as they are. Only the CSV files change: the dataset keeps the text as it is."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) else cell
+
+
+def write_csv(path: Path, rows) -> None:
+    """Every CSV file the builder writes goes through here, so that no cell runs as a spreadsheet formula."""
+    with open(path, "w", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerows([spreadsheet_safe(cell) for cell in row] for row in rows)
+
+
+def read_table_bytes(path: Path) -> bytes:
+    """The table file's bytes. A pipe (`--captions <(zcat t.csv.gz)`) is read like a file; a folder, a device or a
+    missing path is a one-line error."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: caption table not found. Expected a CSV file; check the --captions path."
+        ) from None
+    except OSError as error:
+        raise OSError(f"{path}: cannot be read ({error.strerror}). Expected a readable CSV file.") from None
+    if stat.S_ISDIR(mode):
+        tables = sorted(entry.name for entry in path.glob("*.csv"))[:3]
+        hint = f" such as {', '.join(tables)}" if tables else ""
+        raise IsADirectoryError(
+            f"{path}: a folder, not a caption table. Expected a CSV file. Fix: pass the table file inside it{hint}."
+        )
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise OSError(
+            f"{path}: a {'socket' if stat.S_ISSOCK(mode) else 'device file'}, not a regular file. Expected a CSV "
+            "file (or a pipe). Fix: pass the table file."
+        )
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise OSError(
+            f"{path}: cannot be read ({error.strerror}). Expected a readable CSV file. Fix: check its permissions."
+        ) from None
 
 
 def _column_label(index: int, name: str) -> str:
@@ -297,9 +348,49 @@ def read_caption_table(path: str | Path, split: str | None = None, source: str |
     Rows naming the same image are merged (captions appended in table order) when their split and source agree.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: caption table not found. Expected a CSV file; check the --captions path.")
-    text, line_ending, encoding = _decode(path, path.read_bytes())
+    raw = read_table_bytes(path)
+    text, line_ending, encoding = _decode(path, raw)
+    limit = csv.field_size_limit()
+    try:
+        # Read with no field limit, so that a field over FIELD_LIMIT is reported with its real cause (below)
+        csv.field_size_limit(max(limit, len(text) + 1))
+        table = _read_rows(path, text, split, source)
+    finally:
+        csv.field_size_limit(limit)
+    return CaptionTable(path, table[0], line_ending, table[1], encoding, hashlib.sha256(raw).hexdigest())
+
+
+def _long_field(path: Path, line: int, header: list[str], row: list[str]) -> TableError | None:
+    """The error for a row with a field longer than FIELD_LIMIT characters: a real caption that long, or (when the
+    field holds many lines) a quote that opened a field and never closed."""
+    for index, value in enumerate(row):
+        if len(value) <= FIELD_LIMIT:
+            continue
+        column = _column_label(index, header[index]) if index < len(header) else str(index + 1)
+        lines = value.count("\n")
+        if lines > 2:
+            return TableError(
+                path,
+                line,
+                column,
+                f"a field of {len(value):,} characters spanning {lines + 1:,} lines: a double quote opens it and "
+                "none closes it where the caption ends",
+                "RFC 4180 CSV with double-quoted fields",
+                f'check the quoting on line {line} (a quote inside a caption is written as two: "")',
+            )
+        return TableError(
+            path,
+            line,
+            column,
+            f"a field of {len(value):,} characters, over the limit of {FIELD_LIMIT:,} for one caption",
+            "captions of ordinary length",
+            "shorten or remove that caption (or check that the column holds captions, not pasted text)",
+        )
+    return None
+
+
+def _read_rows(path: Path, text: str, split: str | None, source: str | None) -> tuple[str, list[ImageRecord]]:
+    """The table's layout and its records (see `read_caption_table`)."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header = next(reader)
     layout = _check_header(path, header)
@@ -336,6 +427,8 @@ def read_caption_table(path: str | Path, split: str | None = None, source: str |
     try:
         for row in reader:
             row_line, line = line, reader.line_num + 1
+            if (error := _long_field(path, row_line, header, row)) is not None:
+                raise error
             if len(row) != len(header):
                 raise TableError(
                     path,
@@ -406,4 +499,4 @@ def read_caption_table(path: str | Path, split: str | None = None, source: str |
             "one row per image or caption",
             "check that the right file was exported",
         )
-    return CaptionTable(path, layout, line_ending, list(records.values()), encoding)
+    return layout, list(records.values())
