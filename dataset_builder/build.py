@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cnngemma.errors import UsageError
-from cnngemma.outputs import no_space_message, refuse_foreign, replace_folder, survey
+from cnngemma.outputs import check_replaceable, no_space_message, replace_folder
 from modeling_cnngemma.image_processing_cnngemma import PIXEL_LIMIT
 
 from .card import write_card
@@ -318,7 +318,7 @@ def _check_arguments(
             f"--output {output} is a file. Expected a folder: a new or empty one, or an earlier output to replace. "
             "Fix: choose another --output; a file is never replaced."
         )
-    refuse_foreign(survey(output, TOOL, build_layout), TOOL, "--output")
+    check_replaceable(output, TOOL, build_layout, "--output")  # by the record's names: no hashing before the work
     if images is not None and not Path(images).is_dir():
         raise FileNotFoundError(
             f"--images {images} is not a folder. Expected the folder holding the files named in "

@@ -122,7 +122,7 @@ def score(dataset: str | Path, clip_model: str, batch_size: int = 64, device: st
     """Score every pair of a built dataset in place (new first: the folder is swapped whole at the end) and write the
     report; returns a summary."""
     dataset = Path(dataset)
-    if survey(dataset, TOOL, build_layout).kind not in ("ours", "legacy"):
+    if survey(dataset, TOOL, build_layout, verify=False).kind not in ("ours", "legacy"):
         raise FileNotFoundError(
             f"--dataset {dataset}: not a dataset_builder build output (no record of `build`, nor its dataset_dict.json "
             "and stats.json). Expected the --output folder of `build`. Fix: build it first."
