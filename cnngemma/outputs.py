@@ -250,7 +250,7 @@ def publish(
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     moved = []
     for name in existing.kept:
-        destination = name if not (target / name).exists() else f"kept-{stamp}/{name}"
+        destination = name if not taken(target, name) else f"kept-{stamp}/{name}"
         (target / destination).parent.mkdir(parents=True, exist_ok=True)
         os.rename(old / name, target / destination)
         moved.append(destination)
@@ -258,6 +258,15 @@ def publish(
     if left:  # changed while we worked: never deleted, the folder stays beside the output
         print(f"warning: {old} still holds {', '.join(left[:4])}: moved aside, not deleted.", file=sys.stderr)
     return moved
+
+
+def taken(folder: Path, name: str) -> bool:
+    """Whether the relative path `name` cannot be made in `folder`: it exists, or a folder on its way is a file
+    there (a kept README.md/notes.txt when the new output has a README.md file)."""
+    parents = Path(name).parents
+    return os.path.lexists(folder / name) or any(
+        os.path.lexists(folder / parent) and not (folder / parent).is_dir() for parent in list(parents)[:-1]
+    )
 
 
 @contextlib.contextmanager

@@ -172,6 +172,24 @@ def test_an_earlier_build_is_replaced_and_the_users_files_in_it_are_kept(tmp_pat
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no hidden leftovers
 
 
+def test_a_kept_file_whose_folder_is_a_file_in_the_new_output_goes_under_kept(tmp_path, capsys):
+    """Before: the user's README.md/notes.txt (README.md made a folder) crashed the swap once the new output had a
+    README.md file, and stayed behind in a hidden .out.old-* folder."""
+    out = tmp_path / "out"
+    build(_captions(tmp_path), out)
+    (out / "README.md").unlink()
+    (out / "README.md").mkdir()
+    (out / "README.md" / "notes.txt").write_text("mine\n")
+    code, err = _run(
+        ["build", "--captions", str(_captions(tmp_path)), "--captions-only", "--output", str(out)], capsys
+    )
+    (kept,) = [name for name in _snapshot(out) if name.endswith("notes.txt")]
+    assert code == 0 and kept.startswith("kept-") and kept.endswith("/README.md/notes.txt")
+    assert (out / kept).read_text() == "mine\n" and (out / "README.md").is_file()
+    assert err.splitlines()[-1] == f"{out}: kept 1 file(s) that dataset_builder build did not write: {kept}"
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
 def test_a_build_that_fails_midway_leaves_the_earlier_output_byte_identical(tmp_path, capsys, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()
