@@ -28,6 +28,7 @@ from modeling_cnngemma import load_image
 
 # What Pillow and tifffile raise for files that are not readable images; none of them stops the other images.
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, ImportError, DecompressionBombError)
+LINE_BREAKS = set("\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")  # besides \n and \r, for str.splitlines
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 
 
@@ -115,8 +116,10 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str], list[Path]
 
 
 def escape(text: str) -> str:
-    """A field of a text line: a file name or caption holding a tab or newline must not forge another record."""
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    """A field of a text line: a file name or caption holding a tab or a line break (any that str.splitlines
+    knows) must not forge another record. Backslash, tab and newline become \\\\, \\t and \\n; other breaks \\x85, \\u2028, ..."""
+    text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return "".join(c.encode("unicode_escape").decode() if c in LINE_BREAKS else c for c in text)
 
 
 def summary(failed: int, captioned: int, skipped: list[Path], links: list[Path] = ()) -> str:

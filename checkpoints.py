@@ -54,6 +54,8 @@ class RunFolder:
     run_id: str
     resume: Path | None = None
     kept: list[str] = field(default_factory=list)  # files already in output_dir that are not this run's
+    fresh: bool = False  # output_dir was absent or empty: a run that fails before writing anything leaves no trace
+    created: bool = False  # output_dir was made by this run
     locks: list = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -143,10 +145,13 @@ def open_run_folder(args) -> RunFolder:
                 "Pass another --output_dir, or move the file away."
             )
     refuse_foreign(output_dir)  # before the lock file: nothing is written into a folder of someone else's
+    created = not output_dir.exists()
     outputs.require_writable(output_dir, "--output_dir")
     lock = outputs.RunLock(output_dir).acquire()
     try:
-        return _open_run_folder(args, output_dir, lock)
+        run = _open_run_folder(args, output_dir, lock)
+        run.created = created
+        return run
     except BaseException:
         lock.release()
         raise
@@ -194,7 +199,9 @@ def _open_run_folder(args, output_dir: Path, lock) -> RunFolder:
     earlier_run = existing.kind in ("ours", "legacy") and not ours
     if earlier_run and not args.overwrite_output_dir:
         raise UsageError(refusal(output_dir, existing, found))
-    run = RunFolder(output_dir, output_dir, run_id, resume, existing.kept, [lock])
+    run = RunFolder(
+        output_dir, output_dir, run_id, resume, existing.kept, existing.kind in ("absent", "empty"), [lock]
+    )
     if earlier_run:  # --overwrite_output_dir: the new run works beside the old one until it has finished
         for stale in output_dir.glob(f"{OVERWRITE_PREFIX}*"):  # we hold the lock: their runs are gone
             shutil.rmtree(stale, ignore_errors=True)
@@ -439,9 +446,15 @@ def finish_run(run: RunFolder):
 
 
 def abandon_run(run: RunFolder):
-    """Main process, when the run fails or is interrupted: a replacing run's folder goes, the earlier run stays."""
+    """Main process, when the run fails or is interrupted: a replacing run's folder goes and the earlier run stays; a
+    new run that wrote nothing yet (a refused flag, a bad dataset) takes its record and lock back."""
     if run.replacing:
         shutil.rmtree(run.run_dir, ignore_errors=True)
+    elif run.fresh and not set(outputs.files_under(run.run_dir)) - outputs.NOT_RECORDED:
+        for name in outputs.NOT_RECORDED:
+            (run.run_dir / name).unlink(missing_ok=True)
+        if run.created:
+            shutil.rmtree(run.run_dir, ignore_errors=True)  # empty sub-folders at most
     release(run)
 
 
