@@ -58,6 +58,13 @@ def parse_args(argv=None):
         "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available; cpu with int8)."
     )
     parser.add_argument(
+        "--nodata",
+        type=float,
+        help="Pixel value that marks missing data in images that do not declare one (e.g. 0 for Landsat's collars): "
+        "left out of the 2-98 percentile stretch and shown black, as in dataset_builder build --nodata. A TIFF's own "
+        "GDAL_NODATA and NaN always are.",
+    )
+    parser.add_argument(
         "--quantize",
         choices=("none", "int8"),
         default="none",
@@ -175,7 +182,8 @@ def caption_images(args) -> int:
         images, names = [], []
         for path in paths[start : start + args.batch_size]:
             try:
-                images.append(load_image(path))  # the training data's decoder: the same file gives the same pixels
+                # the training data's decoder: the same file gives the same pixels
+                images.append(load_image(path, nodata=args.nodata))
                 names.append(path)
                 continue
             except IMAGE_ERRORS as error:

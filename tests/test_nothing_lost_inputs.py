@@ -293,3 +293,20 @@ def test_app_refuses_a_port_out_of_range(capsys):
         .splitlines()[-1]
         .endswith("argument --port: got '70000', expected a TCP port number in 1..65535, e.g. 7860")
     )
+
+
+def test_caption_nodata_masks_undeclared_fill(saved_model_dir, tmp_path, capsys):
+    """--nodata reaches load_image as in dataset_builder build: an image that is all fill is listed, not captioned as a
+    black square; the same file without --nodata is captioned."""
+    import numpy as np
+    import tifffile
+
+    path = tmp_path / "collar.tif"
+    tifffile.imwrite(path, np.zeros((32, 32, 3), dtype=np.uint16))
+    argv = ["--model", str(saved_model_dir), "--max-new-tokens", "4", str(path)]
+    assert caption_cli.main([*argv, "--nodata", "0"]) == 1
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")] == [
+        f"error: {path}: cannot read image (NoValidPixelsError: no valid pixels: every value is NaN, infinite or the "
+        "no-data value 0, so there is no picture to show)"
+    ]
+    assert caption_cli.main(argv) == 0
