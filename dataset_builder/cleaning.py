@@ -43,7 +43,7 @@ def describe_invisible(text: str) -> str:
     for char in text:
         counts[char] = counts.get(char, 0) + 1
     return ", ".join(
-        f"U+{ord(char):04X} {unicodedata.name(char, 'unnamed')}" + (f" x{count}" if count > 1 else "")
+        f"U+{ord(char):04X} {unicodedata.name(char, 'control character')}" + (f" x{count}" if count > 1 else "")
         for char, count in counts.items()
     )
 
