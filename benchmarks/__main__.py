@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from cnngemma.errors import UsageError, path_type, run_command
+from cnngemma.outputs import write_text_atomically
+
 from . import plots
 from .captioning import MODELS, PATHS
 from .common import DTYPES, LM_SHAPES, SIGLIP_SHAPES, machine_info
@@ -191,7 +194,7 @@ def parse_args(argv=None):
     parser.add_argument("--lora-rank", type=int, default=16, help="Training: LoRA rank for the `lora` policy.")
     parser.add_argument(
         "--output-dir",
-        type=Path,
+        type=lambda text: Path(path_type(text)),
         default=None,
         help="Where JSON and PNGs go (default results/; with --quick outputs/benchmarks-quick/, which git ignores).",
     )
@@ -339,15 +342,51 @@ def markdown_tables(results: dict) -> str:
     return "\n".join(out)
 
 
+def earlier_results(json_path: Path, sections) -> dict:
+    """The benchmarks' own earlier JSON (its sections are kept), or {}. The JSON and PNGs this run writes replace only
+    files the benchmarks wrote: a JSON with their `machine` entry, a PNG tagged as theirs or named by that JSON."""
+    results = {}
+    if json_path.exists():
+        try:
+            results = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            results = None
+        if not isinstance(results, dict) or "machine" not in results:
+            raise UsageError(
+                f"--output-dir {json_path.parent}: {json_path.name} there was not written by the benchmarks; it would "
+                "be replaced. Pass another --output-dir (or --tag for other file names)."
+            )
+    for section in sections:
+        png = json_path.parent / f"{section}{json_path.stem.removeprefix('benchmarks')}.png"
+        if png.exists() and not png_is_ours(png, (results.get(section) or {}).get("png")):
+            raise UsageError(
+                f"--output-dir {json_path.parent}: {png.name} there was not written by the benchmarks; it would be "
+                "replaced. Pass another --output-dir (or --tag for other file names)."
+            )
+    return results
+
+
+def png_is_ours(path: Path, recorded: str | None) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    if recorded == path.name:  # an earlier version's PNG, named by its JSON
+        return True
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == plots.SOFTWARE
+    except (OSError, UnidentifiedImageError):
+        return False
+
+
 def run_benchmarks(args) -> dict:
     from . import captioning, encoders, training
 
     modules = {"encoders": encoders, "captioning": captioning, "training": training}
     sections = SECTIONS if args.command == "all" else (args.command,)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_{args.tag}" if args.tag else ""
     json_path = args.output_dir / f"benchmarks{suffix}.json"
-    results = json.loads(json_path.read_text()) if json_path.exists() else {}
+    results = earlier_results(json_path, sections)  # before minutes of measuring
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     results["machine"] = machine_info(args.device)
     results["quick"] = args.quick
     print(f"Writing {json_path} and the PNGs beside it.")
@@ -363,15 +402,17 @@ def run_benchmarks(args) -> dict:
         plot = getattr(plots, f"plot_{section}")
         png = plot(results[section], args.output_dir / f"{section}{suffix}.png", f" ({results['machine']['device']})")
         results[section]["png"] = png.name
-        json_path.write_text(json.dumps(results, indent=1) + "\n")  # after each section: a crash keeps the rest
+        write_text_atomically(
+            json_path, json.dumps(results, indent=1) + "\n"
+        )  # after each section: a crash keeps the rest
     results["wall_s"] = time.perf_counter() - started
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    write_text_atomically(json_path, json.dumps(results, indent=1) + "\n")
     print(markdown_tables({k: results[k] for k in sections}))
     print(f"Wrote {json_path} in {results['wall_s']:.0f}s.")
     return results
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "report":
         suffix = f"_{args.tag}" if args.tag else ""
@@ -379,9 +420,9 @@ def main(argv=None):
         if not json_path.exists():
             sys.exit(f"{json_path} does not exist; run `python -m benchmarks all` first.")
         print(markdown_tables(json.loads(json_path.read_text())))
-        return
-    run_benchmarks(args)
+        return 0
+    return run_command(lambda: run_benchmarks(args) and None)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

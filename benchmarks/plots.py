@@ -3,6 +3,7 @@
 `python -m benchmarks` calls one after each section and writes the PNG beside the JSON.
 """
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +13,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 COLOURS = {"timm": "#4c72b0", "cnngemma": "#55a868", "siglip": "#c44e52", "projector": "#8172b2"}
 PHASE_COLOURS = {"vision": "#c44e52", "prefill": "#dd8452", "decode": "#4c72b0"}
+
+
+SOFTWARE = "cnngemma benchmarks"  # in each PNG's metadata: how a later run knows the file is its own
+
+
+def save(fig, path: Path) -> Path:
+    """Writes the figure beside its target and renames it into place, tagged as the benchmarks' own."""
+    fig.tight_layout()
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
+    try:
+        fig.savefig(partial, dpi=90, metadata={"Software": SOFTWARE})
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+        plt.close(fig)
+    return path
 
 
 def _error(summary: dict) -> list[list[float]]:
@@ -33,10 +50,7 @@ def plot_encoders(result: dict, path: Path, title_suffix: str = "") -> Path:
         f"images/s (batch {settings['batch_size']}, {settings['image_size']} px, {settings['dtype']}; median, IQR)"
     )
     ax.set_title(f"Encoder throughput{title_suffix}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_captioning(result: dict, path: Path, title_suffix: str = "") -> Path:
@@ -60,10 +74,7 @@ def plot_captioning(result: dict, path: Path, title_suffix: str = "") -> Path:
     axes[0][0].legend(fontsize=8, loc="upper right")
     settings = result["settings"]
     fig.suptitle(f"Captioning, {settings['new_tokens']} new tokens{title_suffix}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_training(result: dict, path: Path, title_suffix: str = "") -> Path:
@@ -88,7 +99,4 @@ def plot_training(result: dict, path: Path, title_suffix: str = "") -> Path:
     settings = result["settings"]
     ax.set_title(f"Training, LM {settings['lm_size']}{title_suffix}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, path)

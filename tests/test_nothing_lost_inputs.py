@@ -310,3 +310,26 @@ def test_caption_nodata_masks_undeclared_fill(saved_model_dir, tmp_path, capsys)
         "no-data value 0, so there is no picture to show)"
     ]
     assert caption_cli.main(argv) == 0
+
+
+def test_benchmarks_replace_only_their_own_results(tmp_path, capsys):
+    """A benchmarks.json or PNG that the benchmarks did not write is refused before any measuring, byte for byte."""
+    from PIL import Image
+
+    from benchmarks.__main__ import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "benchmarks.json").write_text('{"my": "numbers"}')
+    assert main(["encoders", "--quick", "--output-dir", str(mine)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --output-dir {mine}: benchmarks.json there was not written by the benchmarks; it would be replaced. "
+        "Pass another --output-dir (or --tag for other file names)."
+    )
+    assert (mine / "benchmarks.json").read_text() == '{"my": "numbers"}'
+    (mine / "benchmarks.json").unlink()
+    Image.new("RGB", (4, 4)).save(mine / "encoders.png")
+    before = (mine / "encoders.png").read_bytes()
+    assert main(["encoders", "--quick", "--output-dir", str(mine)]) == 2
+    assert "encoders.png there was not written by the benchmarks" in capsys.readouterr().err
+    assert (mine / "encoders.png").read_bytes() == before
