@@ -199,9 +199,8 @@ def _open_run_folder(args, output_dir: Path, lock) -> RunFolder:
     earlier_run = existing.kind in ("ours", "legacy") and not ours
     if earlier_run and not args.overwrite_output_dir:
         raise UsageError(refusal(output_dir, existing, found))
-    run = RunFolder(
-        output_dir, output_dir, run_id, resume, existing.kept, existing.kind in ("absent", "empty"), [lock]
-    )
+    fresh = existing.kind in ("absent", "empty")
+    run = RunFolder(output_dir, output_dir, run_id, resume, existing.kept, fresh=fresh, locks=[lock])
     if earlier_run:  # --overwrite_output_dir: the new run works beside the old one until it has finished
         for stale in output_dir.glob(f"{OVERWRITE_PREFIX}*"):  # we hold the lock: their runs are gone
             shutil.rmtree(stale, ignore_errors=True)
@@ -227,9 +226,8 @@ def refusal(output_dir: Path, existing, found: list[Path]) -> str:
     record = existing.record or {}
     what = "a finished run" if record.get("status") == "finished" or existing.kind == "legacy" else "an unfinished run"
     when = f", written {record['written']}" if record.get("written") else ""
-    return (
-        f"--output_dir {output_dir} holds {what} of train_hf.py{when} ({names(existing.own)}). Keep it and {replace}"
-    )
+    shown = [name for name in existing.own if "/" not in name and name not in outputs.NOT_RECORDED]
+    return f"--output_dir {output_dir} holds {what} of train_hf.py{when} ({names(shown)}). To start again there, {replace}"
 
 
 def find_resume(value: str, output_dir: Path) -> Path:
