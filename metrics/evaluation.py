@@ -37,9 +37,10 @@ OUTPUT_FILES = ("metrics.json", "predictions.jsonl", "samples.html")
 
 
 def legacy_output(folder: Path) -> list[str] | None:
-    """An evaluation output of an earlier version (no record): nothing but its three files."""
-    present = sorted(p.name for p in folder.iterdir())
-    return present if present and set(present) <= set(OUTPUT_FILES) else None
+    """An evaluation output of an earlier version (no record): its three files, and no model (a training run's folder
+    holds these files too, beside config.json). Anything else in it is kept."""
+    present = {p.name for p in folder.iterdir()}
+    return list(OUTPUT_FILES) if set(OUTPUT_FILES) <= present and "config.json" not in present else None
 
 
 def parse_args(argv=None):

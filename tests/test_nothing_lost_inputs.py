@@ -268,13 +268,16 @@ def test_evaluation_writes_only_into_its_own_output(saved_model_dir, tiny_datase
         "Pass another --output_dir."
     )
     assert (theirs / "metrics.json").read_text() == "{}"
-    ours = tmp_path / "ours"
-    assert evaluation.main([*argv, "--output_dir", str(ours)]) == 0
-    (ours / "notes.txt").write_text("keep me")
-    first = (ours / "predictions.jsonl").read_text()
-    assert evaluation.main([*argv, "--output_dir", str(ours), "--max_eval_images", "1"]) == 0
-    assert (ours / "notes.txt").read_text() == "keep me"
-    assert len((ours / "predictions.jsonl").read_text().splitlines()) == 1 < len(first.splitlines())
+    earlier = tmp_path / "earlier"  # an output of an earlier version (no record), with the user's notes in it
+    earlier.mkdir()
+    for name in ("metrics.json", "predictions.jsonl", "samples.html"):
+        (earlier / name).write_text("old")
+    (earlier / "notes.txt").write_text("keep me")
+    assert evaluation.main([*argv, "--output_dir", str(earlier), "--max_eval_images", "1"]) == 0
+    assert (earlier / "notes.txt").read_text() == "keep me"
+    assert len((earlier / "predictions.jsonl").read_text().splitlines()) == 1
+    assert json.loads((earlier / "cnngemma_output.json").read_text())["tool"] == "metrics.evaluation"
+    ours = earlier
     assert evaluation.main([*argv, "--max_new_tokens", "100000", "--output_dir", str(ours)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --max_new_tokens 100000 does not fit:")
 
