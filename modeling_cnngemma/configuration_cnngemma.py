@@ -68,6 +68,11 @@ class CNNGemmaConfig(PreTrainedConfig):
         prompt_prefix (`str`): the default prompt the processor puts before the caption.
         vision_channels_last (`bool`): feed the CNN channels_last (NHWC) images, which oneDNN and cuDNN convolve
             natively. Same outputs up to float rounding; False keeps the plain NCHW layout.
+        image_mean, image_std (`list[float]`, *optional*): the normalisation the CNN's weights were trained with, for
+            the processor; None takes timm's pretrained config for `vision_model_name` (EfficientNet-Lite0's ImageNet
+            weights expect 0.5 and 0.5, which timm does not say).
+        provenance (`dict`, *optional*): where the pretrained parts came from (`language_model`, `vision_tower`:
+            a package and file hash, or a Hub id), recorded by the builder for cards and later fine-tunes.
 
     Derived on every load, never read from kwargs: `vision_feature_dim`, `vision_grid`, `num_image_tokens`.
     """
@@ -101,6 +106,9 @@ class CNNGemmaConfig(PreTrainedConfig):
     image_token_id: int = PALIGEMMA_IMAGE_TOKEN_ID
     prompt_prefix: str = "caption en"
     vision_channels_last: bool = True
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    provenance: dict | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 
@@ -153,6 +161,24 @@ class CNNGemmaConfig(PreTrainedConfig):
             raise ValueError(
                 f"vision_channels_last={self.vision_channels_last!r} must be a bool (True: NHWC fast path, False: NCHW)."
             )
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, (list, tuple))
+                or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                or (name == "image_std" and min(value) <= 0)
+            ):
+                raise ValueError(
+                    f"{name}={value!r} must be None or three numbers (R, G, B){', each > 0' if name == 'image_std' else ''}."
+                )
+        if (self.image_mean is None) != (self.image_std is None):
+            raise ValueError(
+                f"image_mean={self.image_mean!r} and image_std={self.image_std!r}: set both (the normalisation the "
+                "CNN's weights expect) or neither (timm's pretrained config)."
+            )
+        if self.provenance is not None and not isinstance(self.provenance, dict):
+            raise ValueError(f"provenance={self.provenance!r} must be None or a dict of where each part came from.")
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
             raise ValueError(f"image_size={self.image_size!r} must be a positive int (pixels of the square input).")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):

@@ -61,8 +61,11 @@ class CNNGemmaProcessor(ProcessorMixin):
 
     @classmethod
     def from_model_config(cls, config, tokenizer) -> "CNNGemmaProcessor":
-        """The processor matching a CNNGemmaConfig: its image size, timm normalisation, token count and prefix."""
+        """The processor matching a CNNGemmaConfig: its image size, normalisation (the config's, else timm's), token
+        count and prefix."""
         image_processor = CNNGemmaImageProcessor.from_timm(config.vision_model_name, config.image_size)
+        if getattr(config, "image_mean", None) is not None:
+            image_processor.image_mean, image_processor.image_std = list(config.image_mean), list(config.image_std)
         processor = cls(
             image_processor,
             tokenizer,

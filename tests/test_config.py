@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration
+from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration, CNNGemmaProcessor
 
 TINY_TEXT = json.loads((REPO_ROOT / "configuration" / "tiny.json").read_text())["text_config"]
 
@@ -22,6 +22,9 @@ SHIPPED = [
     ("mobilenet_multi_270m", "mobilenetv3_large_100", 49, 960),
     ("efficientnet_single_270m", "efficientnet_b0", 1, 1280),
     ("efficientnet_multi_270m", "efficientnet_b0", 49, 1280),
+    ("lite0_single_270m", "efficientnet_lite0", 1, 1280),
+    ("lite0_grid3_270m", "efficientnet_lite0", 9, 1280),
+    ("lite0_multi_270m", "efficientnet_lite0", 49, 1280),
     ("tiny", "mobilenetv3_small_050", 16, 288),
 ]
 
@@ -147,3 +150,19 @@ def test_configuration_files_are_up_to_date():
     configs = make_configs.build_configs()
     assert sorted(configs) == sorted(name for name, *_ in SHIPPED)
     assert make_configs.stale_files(configs) == [], "run: python scripts/make_configs.py"
+
+
+def test_lite0_configs_carry_the_normalisation_their_weights_expect(tokenizer):
+    """EfficientNet-Lite0's ImageNet weights were trained on [-1, 1] inputs; timm's config says ImageNet mean/std."""
+    config = CNNGemmaConfig.from_json_file(REPO_ROOT / "configuration" / "lite0_grid3_270m.json")
+    assert (config.image_mean, config.image_std) == ([0.5] * 3, [0.5] * 3)
+    config.text_config.vocab_size = len(tokenizer)
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    image_processor = CNNGemmaProcessor.from_model_config(config, tokenizer).image_processor
+    assert (list(image_processor.image_mean), list(image_processor.image_std)) == ([0.5] * 3, [0.5] * 3)
+    with pytest.raises(ValueError) as error:
+        CNNGemmaConfig.from_dict({**config.to_dict(), "image_std": None})
+    assert str(error.value) == (
+        "image_mean=[0.5, 0.5, 0.5] and image_std=None: set both (the normalisation the CNN's weights expect) or "
+        "neither (timm's pretrained config)."
+    )

@@ -16,6 +16,9 @@ VARIANTS_270M = [
     "mobilenet_multi_270m",
     "efficientnet_single_270m",
     "efficientnet_multi_270m",
+    "lite0_single_270m",
+    "lite0_grid3_270m",
+    "lite0_multi_270m",
 ]
 
 # Gemma 3 270M's layout at test size: a sliding layer with a window shorter than the prompt, then a global one.
@@ -96,8 +99,8 @@ def test_shipped_270m_configs_have_gemma3_270m_text_shape(name):
     make_configs = load_make_configs()
     shipped = CNNGemmaConfig.from_json_file(REPO_ROOT / "configuration" / f"{name}.json")
     published = Gemma3TextConfig(**make_configs.GEMMA3_270M_TEXT_CONFIG)
-    # One row past the tokenizer's 262,145 tokens: the `<image>` that from_backbones appends.
-    assert shipped.image_token_id == make_configs.GEMMA3_TOKENIZER_SIZE == published.vocab_size + 1
+    # One row past the GGUF tokenizer's 262,144 tokens: the `<image>` that from_backbones appends.
+    assert shipped.image_token_id == make_configs.GEMMA3_TOKENIZER_SIZE == published.vocab_size
     assert shipped.text_config.vocab_size == make_configs.GEMMA3_TOKENIZER_SIZE + 1
     published.vocab_size = shipped.text_config.vocab_size
     assert shipped.text_config.to_dict() == published.to_dict()
