@@ -547,7 +547,10 @@ def build_model_and_processor(args, train_captions):
     tokenizer = None
     if args.language_model is None:
         if args.tokenizer:
+            files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
             try:
+                if not any((Path(args.tokenizer) / name).is_file() for name in files):
+                    raise OSError(f"it holds none of {', '.join(files)}")
                 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
             except (OSError, ValueError) as error:
                 raise UsageError(
