@@ -72,6 +72,13 @@ def parse_args(argv=None):
     )
     data.add_argument("--synth_images", type=int, default=2000, help="Images in the default synthetic set.")
     data.add_argument(
+        "--synth_size",
+        type=int,
+        default=128,
+        help="Image side of the default synthetic set: 128 for the tiny demo, 224 for real ImageNet CNNs (the same "
+        "captions, drawn larger).",
+    )
+    data.add_argument(
         "--language_model",
         type=path_type,
         help="Gemma or PaliGemma checkpoint (folder or Hub id) for the decoder and tokenizer. "
@@ -194,6 +201,7 @@ def check_flags(args):
         ("checkpoints_total_limit", args.checkpoints_total_limit >= 1, ">= 1"),
         ("num_workers", args.num_workers >= 0, ">= 0"),
         ("synth_images", args.synth_images >= 20, ">= 20"),
+        ("synth_size", args.synth_size >= 32, ">= 32"),
         ("logging_steps", args.logging_steps >= 1, ">= 1"),
         ("max_eval_images", args.max_eval_images >= 0, ">= 0"),
         ("max_caption_tokens", args.max_caption_tokens >= 1, ">= 1"),
@@ -287,7 +295,7 @@ def train(args, run: checkpoints.RunFolder | None):
         state = json.loads((run.resume / "training_state.json").read_text())
         changes = checkpoints.changed_flags(state.get("args"), args)  # refused in open_run_folder unless applied
     with accelerator.main_process_first():
-        dataset = evaluation.load_caption_dataset(args.dataset, args.synth_images, args.seed)
+        dataset = evaluation.load_caption_dataset(args.dataset, args.synth_images, args.seed, args.synth_size)
     train_pairs = dataset["train"]
     val_split = "validation" if "validation" in dataset else "test"
     test_split = "test" if "test" in dataset else "validation"

@@ -13,8 +13,10 @@ from .synth import synthesize
 
 def build_demo_dataset(folder: str | Path, num_images: int, seed: int, size: int = 128) -> Path:
     """The built DatasetDict folder `folder/dataset-{num_images}-{seed}`, made (once) from `folder/raw-...` with
-    images of `size` pixels (the demo's 128 px: the tiny config's size, made and decoded 3x faster than 224 px)."""
-    raw, built = Path(folder) / f"raw-{num_images}-{seed}", Path(folder) / f"dataset-{num_images}-{seed}"
+    images of `size` pixels (the demo's 128 px: the tiny config's size, made and decoded 3x faster than 224 px;
+    other sizes get a `-{size}px` suffix). The captions depend on the seed only, not on the size."""
+    name = f"{num_images}-{seed}" + ("" if size == 128 else f"-{size}px")
+    raw, built = Path(folder) / f"raw-{name}", Path(folder) / f"dataset-{name}"
     if (built / "dataset_dict.json").is_file():
         return built
     if not (raw / "captions.csv").is_file():

@@ -58,6 +58,9 @@ def parse_args(argv=None):
         f"set in {DEMO_DATA.relative_to(REPO_ROOT)}/, as train_hf.py does.",
     )
     parser.add_argument("--synth_images", type=int, default=2000, help="Images in the default synthetic set.")
+    parser.add_argument(
+        "--synth_size", type=int, default=128, help="Image side of the default synthetic set (224 for real CNNs)."
+    )
     parser.add_argument("--seed", type=int, default=42, help="Seed of the default synthetic set.")
     parser.add_argument("--split", default="test", help="The split to score.")
     parser.add_argument(
@@ -79,6 +82,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     rules = [
         ("synth_images", args.synth_images >= 20, ">= 20"),
+        ("synth_size", args.synth_size >= 32, ">= 32"),
         ("max_eval_images", args.max_eval_images >= 0, ">= 0"),
         ("mixed_precision", args.quantize == "none" or args.mixed_precision == "no", "no with --quantize int8"),
         ("compile_generation", args.quantize == "none" or not args.compile_generation, "off with --quantize int8"),
@@ -110,11 +114,13 @@ def generation_rules(args) -> list[tuple[str, bool, str]]:
     ]
 
 
-def load_caption_dataset(path_or_id: str | None, num_synth_images: int, seed: int) -> datasets.DatasetDict:
+def load_caption_dataset(
+    path_or_id: str | None, num_synth_images: int, seed: int, synth_size: int = 128
+) -> datasets.DatasetDict:
     """The pair DatasetDict (image, image_id, caption) with train and validation/test splits. Call it inside
     `main_process_first()`: the default synthetic set is written on first use."""
     if path_or_id is None:
-        path_or_id = str(build_demo_dataset(DEMO_DATA, num_synth_images, seed))
+        path_or_id = str(build_demo_dataset(DEMO_DATA, num_synth_images, seed, synth_size))
     try:
         check_source(path_or_id, "--dataset")
     except OSError as error:
@@ -325,7 +331,7 @@ def evaluation_function(args):
     except OSError as error:
         raise UsageError(str(error)) from error
     with accelerator.main_process_first():
-        dataset = load_caption_dataset(args.dataset, args.synth_images, args.seed)
+        dataset = load_caption_dataset(args.dataset, args.synth_images, args.seed, args.synth_size)
     if args.split not in dataset:
         raise UsageError(f"--split {args.split}: the dataset has splits {sorted(dataset)}.")
     model, processor = load_model(args.model)
