@@ -141,7 +141,10 @@ def read_save_ids(source: str, flag: str) -> dict:
 
 
 def _from_pretrained(source, revision, remote_code, dtype, flag):
-    kwargs = {"revision": revision, "output_loading_info": True} | ({"dtype": dtype} if dtype is not None else {})
+    # mismatched shapes are listed in the loading info (and refused below, by name) instead of a RuntimeError that
+    # points at a report logged above it
+    kwargs = {"revision": revision, "output_loading_info": True, "ignore_mismatched_sizes": True}
+    kwargs |= {"dtype": dtype} if dtype is not None else {}
     try:
         if remote_code:
             model, info = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True, **kwargs)
@@ -162,11 +165,18 @@ def _from_pretrained(source, revision, remote_code, dtype, flag):
         if type(error) is not Exception:
             raise
         raise RunError(f"{flag} {source}: cannot load its tokenizer ({first_line(error)}). {_fix(source)}") from None
+    found = {
+        "missing": sorted(map(str, info["missing_keys"])),
+        "unexpected": sorted(map(str, info["unexpected_keys"])),
+        "wrongly shaped": [
+            f"{key} {tuple(saved)}, config {tuple(needed)}" for key, saved, needed in info["mismatched_keys"]
+        ],
+    }
     problems = [
-        f"{len(keys)} {kind} weight(s) ({', '.join(sorted(map(str, keys))[:4])}{', ...' if len(keys) > 4 else ''})"
-        for kind, keys in (("missing", info["missing_keys"]), ("unexpected", info["unexpected_keys"]))
+        f"{len(keys)} {kind} weight(s) ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+        for kind, keys in found.items()
         if keys
-    ] + [f"{len(info['mismatched_keys'])} weight(s) of the wrong shape" for _ in [0] if info["mismatched_keys"]]
+    ]
     if problems:
         raise RunError(
             f"{flag} {source}: the weights do not fit its config: {'; '.join(problems)}. A model with such layers "
