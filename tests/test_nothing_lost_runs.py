@@ -296,6 +296,11 @@ def test_a_reader_racing_a_writer_gets_one_whole_save(earlier_run, tmp_path, mon
         ),
         ("unexpected", "the weights do not fit its config: 1 unexpected weight(s) (extra.weight)"),
         ("processor", "processor_config.json does not fit the model: num_image_tokens 4 (the model has 16)"),
+        (
+            "shape",
+            "the weights do not fit its config: 1 wrongly shaped weight(s) (model.multi_modal_projector.linear.weight "
+            "(3, 3), config (128, 288))",
+        ),
     ],
 )
 def test_every_loader_refuses_a_model_with_missing_or_unexpected_weights(
@@ -316,6 +321,8 @@ def test_every_loader_refuses_a_model_with_missing_or_unexpected_weights(
         metadata = saving.read_safetensors_metadata(folder / "model.safetensors")
         if damage == "missing":
             del weights["model.multi_modal_projector.linear.weight"]
+        elif damage == "shape":  # the probe's D03
+            weights["model.multi_modal_projector.linear.weight"] = torch.zeros(3, 3)
         else:
             weights["extra.weight"] = torch.zeros(2)
         save_file(weights, folder / "model.safetensors", metadata=metadata)
