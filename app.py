@@ -92,10 +92,8 @@ def load_model(source: str | None, origin: str = "--model"):
     try:  # every weight must load and the processor must fit the model (cnngemma.inference)
         model, processor = inference.load_model(source, flag=origin)
     except RunError as error:
-        raise ModelSourceError(
-            f"{origin}={source!r} could not be loaded as a CNNGemma model: {error} Pass a folder written by "
-            "train_hf.py (config.json, model.safetensors, processor files) or its Hub id."
-        ) from None
+        reason = str(error).removeprefix(f"{origin} {source}: ")
+        raise ModelSourceError(f"{origin}={source!r} could not be loaded as a CNNGemma model: {reason}") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
 
