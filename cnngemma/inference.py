@@ -225,11 +225,17 @@ def check_generation_length(model, processor, max_new_tokens: int, prompt: str |
     """Refuses a caption length the decoder's positions cannot hold (it would decode for minutes past them)."""
     positions = model.config.text_config.max_position_embeddings
     used = positions - generation_room(model, processor, prompt)
+    if used >= positions:
+        raise UsageError(
+            f"--prompt of {len(prompt or '')} characters does not fit: with the {processor.num_image_tokens} image "
+            f"tokens and <bos> it takes {used} of the decoder's {positions} positions, leaving none for the caption. "
+            "Pass a shorter --prompt."
+        )
     if used + max_new_tokens > positions:
         raise UsageError(
             f"{flag} {max_new_tokens} does not fit: the decoder has {positions} positions and the prompt takes {used} "
-            f"({processor.num_image_tokens} image tokens, <bos> and the prompt). Pass {flag} {max(positions - used, 0)} "
-            "or less, or a shorter prompt."
+            f"({processor.num_image_tokens} image tokens, <bos> and the prompt). Pass {flag} {positions - used} or "
+            "less, or a shorter prompt."
         )
 
 

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 from conftest import REPO_ROOT, random_images
+from transformers import PreTrainedTokenizerFast
 
 spec = importlib.util.spec_from_file_location("train_hf", REPO_ROOT / "train_hf.py")
 train_hf = importlib.util.module_from_spec(spec)
@@ -212,7 +213,12 @@ def test_caption_refuses_image_tokens_in_the_prompt_and_lengths_past_the_decoder
     )
     long_prompt = "caption " * 600
     assert caption_cli.main(["--model", str(saved_model_dir), "--prompt", long_prompt, str(image)]) == 2
-    assert "or a shorter prompt." in capsys.readouterr().err
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(saved_model_dir)
+    used = 16 + 1 + len(tokenizer(long_prompt + "\n", add_special_tokens=False)["input_ids"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --prompt of 4800 characters does not fit: with the 16 image tokens and <bos> it takes {used} of the "
+        "decoder's 512 positions, leaving none for the caption. Pass a shorter --prompt."
+    )
 
 
 def test_caption_text_output_cannot_be_forged_by_a_file_name(saved_model_dir, tmp_path, capsys):
