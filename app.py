@@ -28,7 +28,7 @@ from huggingface_hub import is_offline_mode
 from PIL import Image
 
 from cnngemma import inference
-from cnngemma.errors import RunError
+from cnngemma.errors import RunError, path_type
 
 MODEL_ENV = "CNNGEMMA_MODEL"
 # Images 9, 22, 64 and 65 of the CPU demo's synthetic set (seed 42, 128 px), all from its test split.
@@ -42,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--model",
         default=None,
+        type=path_type,
         help=f"A folder written by train_hf.py / save_pretrained, or a Hub id. Default: the {MODEL_ENV} environment variable.",
     )
     # A Space sets GRADIO_SERVER_NAME=0.0.0.0 and GRADIO_SERVER_PORT; an explicit default would override them.

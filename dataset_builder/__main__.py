@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from cnngemma.errors import UsageError
+from cnngemma.errors import UsageError, path_type
 
 from .tables import SPLIT_ALIASES
 
@@ -48,15 +48,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     build = commands.add_parser("build", help="clean a caption table (+ images) into a DatasetDict")
     build.add_argument(
         "--captions",
+        type=path_type,
         required=True,
         help="CSV in RISCM's raw layout (source,split,image,"
         "caption_1..caption_5) or the long layout (image,caption[,split][,source])",
     )
     images = build.add_mutually_exclusive_group(required=True)
-    images.add_argument("--images", help="folder holding the files named in the image column (RISCM: resized/)")
+    images.add_argument(
+        "--images", type=path_type, help="folder holding the files named in the image column (RISCM: resized/)"
+    )
     images.add_argument("--captions-only", action="store_true", help="build without images (no image column)")
     build.add_argument(
         "--output",
+        type=path_type,
         required=True,
         help="output folder: written beside it and swapped in at the end; an existing one is replaced only if it is "
         "an earlier build (files of yours inside it are kept and listed), any other folder is refused",
@@ -101,8 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
 
     score = commands.add_parser("score", help="add a clip_score column and a CLIP screening report")
-    score.add_argument("--dataset", required=True, help="a folder made by `build` (with images)")
-    score.add_argument("--clip-model", required=True, help="local folder or Hub id of a transformers CLIP model")
+    score.add_argument("--dataset", type=path_type, required=True, help="a folder made by `build` (with images)")
+    score.add_argument(
+        "--clip-model", type=path_type, required=True, help="local folder or Hub id of a transformers CLIP model"
+    )
     score.add_argument("--batch-size", type=_at_least(1), default=64, help="images or captions per forward pass")
     score.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
     score.add_argument(
@@ -112,6 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     synth = commands.add_parser("synth", help="make a synthetic aerial caption set in RISCM's raw layout")
     synth.add_argument(
         "--output",
+        type=path_type,
         required=True,
         help="output folder (captions.csv + resized/*.jpg); an existing one is replaced only if it is an earlier "
         "synth output",
@@ -122,10 +129,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     # synthesize() holds the same minimum for Python callers: smaller scenes lose their objects
     synth.add_argument("--size", type=_at_least(32), default=224, help="image side in pixels (at least 32)")
-    synth.add_argument("--grid", help="also write a 4x4 sample grid PNG with captions to this path")
+    synth.add_argument("--grid", type=path_type, help="also write a 4x4 sample grid PNG with captions to this path")
 
     push = commands.add_parser("push", help="push a built dataset and its card to the Hugging Face Hub")
-    push.add_argument("--dataset", required=True, help="a folder made by `build`")
+    push.add_argument("--dataset", type=path_type, required=True, help="a folder made by `build`")
     push.add_argument("--repo-id", required=True, help="Hub dataset repository, e.g. user/riscm-clean")
     push.add_argument("--private", action="store_true", help="create the repository as private")
     return parser.parse_args(argv)

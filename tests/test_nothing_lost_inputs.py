@@ -342,3 +342,28 @@ def test_benchmarks_replace_only_their_own_results(tmp_path, capsys):
     assert main(["encoders", "--quick", "--output-dir", str(mine)]) == 2
     assert "encoders.png there was not written by the benchmarks" in capsys.readouterr().err
     assert (mine / "encoders.png").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["build", "--captions", "t.csv", "--images", "imgs", "--output", " "],
+        ["build", "--captions", "", "--images", "imgs", "--output", "out"],
+        ["synth", "--output", ""],
+        ["score", "--dataset", "", "--clip-model", "clip"],
+    ],
+)
+def test_dataset_builder_refuses_empty_paths(argv, tmp_path, monkeypatch, capsys):
+    """An unset shell variable made `--output "$OUT"` the current folder, or a folder named ' '."""
+    from dataset_builder.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    flag = next(a for a, value in zip(argv, argv[1:], strict=False) if value.strip() == "")
+    assert capsys.readouterr().err == (
+        f"error: argument {flag}: got {next(v for v in argv if not v.strip())!r}, expected a path. Pass one (an unset "
+        f"shell variable gives an empty value) (see: python -m dataset_builder {argv[0]} --help)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
