@@ -350,10 +350,11 @@ def save_checkpoint(accelerator, run: RunFolder, state: dict, keep: int):
             (partial / MARKER).write_text(json.dumps({**marker, "files": files, "sha256": hashes}, indent=1) + "\n")
     except SAVE_ERRORS as error:
         shutil.rmtree(partial, ignore_errors=True)
+        earlier = any(read_marker(p) for p in step_folders(run.run_dir))
+        then = "resume from the last checkpoint (--resume_from_checkpoint latest)" if earlier else "run again"
         raise RunError(
             f"saving checkpoint {final.name} into {final.parent} failed ({type(error).__name__}: "
-            f"{' '.join(str(error).split())[:200]}). Its partial folder was removed; free disk space and resume from "
-            "the last checkpoint (--resume_from_checkpoint latest)."
+            f"{' '.join(str(error).split())[:200]}). Its partial folder was removed; free disk space and {then}."
         ) from None
     if accelerator.is_main_process:
         if final.exists():  # an incomplete leftover: open_run_folder refuses runs that would replace complete ones
