@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
 import checkpoints
+from cnngemma.backbones import from_backbones
 from cnngemma.errors import RunError, UsageError, check_ranges, first_line, path_type, run_command, seed_type
 from cnngemma.inference import check_generation_length, load_model
 from cnngemma.saving import read_safetensors_metadata
@@ -36,7 +37,6 @@ from metrics import evaluation
 from metrics.caption_metrics import METRIC_KEYS
 from modeling_cnngemma import (
     CNNGemmaConfig,
-    CNNGemmaForConditionalGeneration,
     CNNGemmaProcessor,
     build_caption_tokenizer,
     check_source,
@@ -81,8 +81,9 @@ def parse_args(argv=None):
     data.add_argument(
         "--language_model",
         type=path_type,
-        help="Gemma or PaliGemma checkpoint (folder or Hub id) for the decoder and tokenizer. "
-        "Default: a randomly initialised decoder and a BPE tokenizer trained on the captions.",
+        help="The decoder and tokenizer: a Gemma or PaliGemma checkpoint (folder or Hub id), or a Gemma .gguf file "
+        "(dequantized once into $HF_HOME/cnngemma/gguf/). Default: a randomly initialised decoder and a BPE "
+        "tokenizer trained on the captions.",
     )
     data.add_argument(
         "--vision_pretrained",
@@ -244,7 +245,7 @@ def check_flags(args):
         ("--text_config", args.text_config, True),
         ("--vision_pretrained", vision_file, True),
         ("--tokenizer", args.tokenizer, False),
-        ("--language_model", args.language_model, False),
+        ("--language_model", args.language_model, str(args.language_model).endswith(".gguf")),
     ]
     for flag, value, must_be_local in sources:
         try:
@@ -572,10 +573,10 @@ def build_model_and_processor(args, train_captions):
     vision = args.vision_pretrained
     vision = True if vision == "imagenet" else (vision or False)
     try:
-        model, tokenizer = CNNGemmaForConditionalGeneration.from_backbones(
+        model, tokenizer = from_backbones(
             config, language_model=args.language_model, vision_pretrained=vision, tokenizer=tokenizer
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:
         raise UsageError(str(error)) from None
     return model, CNNGemmaProcessor.from_model_config(model.config, tokenizer)
 

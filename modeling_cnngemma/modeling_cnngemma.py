@@ -11,33 +11,18 @@ import timm
 import torch
 from huggingface_hub import is_offline_mode
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationMixin,
-    PaliGemmaForConditionalGeneration,
-    PreTrainedModel,
-)
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
-from transformers.utils import logging
 
 from .configuration_cnngemma import CNNGemmaConfig
 
-logger = logging.get_logger(__name__)
-
-IMAGE_TOKEN = "<image>"
 # config.json's auto_map, written by save_pretrained: every entry points at a module file in the folder being written.
 AUTO_MAP = {
     "AutoConfig": "configuration_cnngemma.CNNGemmaConfig",
     "AutoModel": "modeling_cnngemma.CNNGemmaModel",
     "AutoModelForImageTextToText": "modeling_cnngemma.CNNGemmaForConditionalGeneration",
 }
-# Fields of the text config that fix the shape of the decoder's weights; they must match a checkpoint's.
-TEXT_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
-TEXT_SHAPE_FIELDS += ("num_key_value_heads", "head_dim")
 
 
 @dataclass
@@ -315,78 +300,6 @@ class CNNGemmaForConditionalGeneration(CNNGemmaPreTrainedModel, GenerationMixin)
             self.model.vision_tower.eval()
         return self
 
-    @classmethod
-    def from_backbones(
-        cls,
-        config: CNNGemmaConfig,
-        language_model: str | os.PathLike | None = None,
-        vision_pretrained: bool | str | os.PathLike = False,
-        tokenizer=None,
-    ):
-        """Builds CNNGemma from pretrained parts and returns `(model, tokenizer)`. Every pretrained weight must load.
-
-        Args:
-            config: the CNNGemma config. Its text config must have the checkpoint's shape.
-            language_model: a Gemma causal-LM or PaliGemma checkpoint (local folder or Hub id). From a PaliGemma
-                checkpoint only the `language_model` weights are taken. None keeps a randomly initialised decoder.
-            vision_pretrained: False (timm init), True (timm's ImageNet weights from the Hub) or a weights file.
-            tokenizer: used when `language_model` is None; otherwise the checkpoint's tokenizer is loaded.
-        """
-        config = CNNGemmaConfig.from_dict(config.to_dict())  # never mutate the caller's config
-        lm_weights = None
-        if language_model is not None:
-            check_source(language_model, "language_model")
-            tokenizer = AutoTokenizer.from_pretrained(language_model)
-            lm_weights, lm_config = _load_language_model(language_model)
-            mismatched = [
-                f"{name}: config {getattr(config.text_config, name, None)!r} != checkpoint {getattr(lm_config, name, None)!r}"
-                for name in TEXT_SHAPE_FIELDS
-                if getattr(config.text_config, name, None) != getattr(lm_config, name, None)
-            ]
-            if mismatched:
-                raise ValueError(
-                    f"The config's text_config does not match the checkpoint {str(language_model)!r}: "
-                    f"{'; '.join(mismatched)}. Use a config whose text_config is the checkpoint's."
-                )
-            config.text_config = lm_config
-            # built with the checkpoint's vocabulary so its weights load as they are; resized for <image> afterwards
-            config.text_config.vocab_size = lm_weights["embed_tokens.weight"].shape[0]
-        if tokenizer is not None:
-            if IMAGE_TOKEN not in tokenizer.get_vocab():
-                tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-            config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-            for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-                if getattr(tokenizer, name) is not None:
-                    setattr(config.text_config, name, getattr(tokenizer, name))
-        model = cls(config)
-
-        if vision_pretrained:
-            local = vision_pretrained is not True
-            source = vision_pretrained if local else f"timm/{config.vision_model_name}"
-            check_source(source, "vision_pretrained", must_be_local=local)
-            try:
-                pretrained_tower = build_vision_tower(config, pretrained=vision_pretrained)
-            except RuntimeError as error:  # timm loads strictly; keep the head of torch's long key listing
-                detail = " ".join(line.strip() for line in str(error).splitlines()[:2])[:400]
-                raise ValueError(
-                    f"vision_pretrained={str(vision_pretrained)!r} does not fit {config.vision_model_name!r}: "
-                    f"{detail} Pass the weights of the architecture that vision_model_name names."
-                ) from error
-            _load_strict(model.model.vision_tower, pretrained_tower.state_dict(), "vision tower")
-        if lm_weights is not None:
-            _load_strict(model.model.language_model, lm_weights, "language model")
-            model.tie_weights()
-        if tokenizer is not None and len(tokenizer) > model.config.text_config.vocab_size:
-            old = model.config.text_config.vocab_size
-            model.resize_token_embeddings(len(tokenizer))
-            logger.warning(f"Resized the token embeddings from {old} to {len(tokenizer)} to fit {IMAGE_TOKEN}.")
-        if tokenizer is not None and model.config.image_token_id != tokenizer.convert_tokens_to_ids(IMAGE_TOKEN):
-            raise ValueError(
-                f"config.image_token_id={model.config.image_token_id} but the tokenizer's {IMAGE_TOKEN} id is "
-                f"{tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}; they must be the same token."
-            )
-        return model, tokenizer
-
 
 @lru_cache(maxsize=64)
 def _unused_children(vision_model_name: str, image_size: int) -> tuple[str, ...]:
@@ -425,26 +338,6 @@ def check_source(path_or_id, argument: str, must_be_local: bool = False):
         raise OSError(
             f"{argument}={text!r} looks like a Hub id, but HF_HUB_OFFLINE=1 forbids downloads. Download it "
             "elsewhere and pass the local folder or file instead, or unset HF_HUB_OFFLINE."
-        )
-
-
-def _load_language_model(path_or_id) -> tuple[dict[str, torch.Tensor], object]:
-    """The decoder's weights (GemmaModel keys) and text config, from a Gemma or a PaliGemma checkpoint."""
-    checkpoint_config = AutoConfig.from_pretrained(path_or_id)
-    if checkpoint_config.model_type == "paligemma":
-        full = PaliGemmaForConditionalGeneration.from_pretrained(path_or_id, dtype=torch.float32)
-        return full.model.language_model.state_dict(), checkpoint_config.text_config
-    causal_lm = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32)
-    return causal_lm.model.state_dict(), checkpoint_config.get_text_config()
-
-
-def _load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str):
-    result = module.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"The pretrained {what} does not fit: missing keys {result.missing_keys[:10]} "
-            f"({len(result.missing_keys)} in all), unexpected keys {result.unexpected_keys[:10]} "
-            f"({len(result.unexpected_keys)} in all). Check that the checkpoint is the architecture the config names."
         )
 
 

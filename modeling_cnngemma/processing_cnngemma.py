@@ -53,7 +53,7 @@ class CNNGemmaProcessor(ProcessorMixin):
             raise ValueError(
                 f"The tokenizer has no {IMAGE_TOKEN} token. Add it with "
                 f"tokenizer.add_tokens([AddedToken('{IMAGE_TOKEN}', special=True)], special_tokens=True) "
-                "and resize the model's embeddings, or use CNNGemmaForConditionalGeneration.from_backbones."
+                "and resize the model's embeddings, or build the model with cnngemma.backbones.from_backbones."
             )
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(tokenizer, name) is None:

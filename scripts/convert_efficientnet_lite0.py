@@ -89,8 +89,9 @@ def main():
     args = parse_args()
     path = convert(args.pth or wheel_weights_path(), args.output)
     print(
-        f"Wrote {path} for timm's {TIMM_MODEL_NAME}. Use from_backbones(config, vision_pretrained={str(path)!r}) and "
-        f"CNNGemmaImageProcessor(size={IMAGE_SIZE}, image_mean={list(IMAGE_MEAN)}, image_std={list(IMAGE_STD)})."
+        f"Wrote {path} for timm's {TIMM_MODEL_NAME}. Use cnngemma.backbones.from_backbones(config, "
+        f"vision_pretrained={str(path)!r}) and CNNGemmaImageProcessor(size={IMAGE_SIZE}, "
+        f"image_mean={list(IMAGE_MEAN)}, image_std={list(IMAGE_STD)})."
     )
 
 

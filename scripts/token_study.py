@@ -31,6 +31,7 @@ from benchmarks.common import (
     summarize,
     time_in_rounds,
 )
+from cnngemma.backbones import from_backbones
 from dataset_builder.demo import build_demo_dataset
 from dataset_builder.synth import COLOURS, NUMBERS
 from metrics.caption_metrics import compute_caption_metrics
@@ -291,9 +292,7 @@ def main(argv=None) -> int:
     tokenizer = build_caption_tokenizer([c for captions in train["captions"] for c in captions], vocab_size=1024)
     weights = convert(wheel_weights_path(), output_dir / "efficientnet_lite0_imagenet.safetensors")
     image_processor = CNNGemmaImageProcessor(size=IMAGE_SIZE, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
-    encoder, tokenizer = CNNGemmaForConditionalGeneration.from_backbones(
-        grid_config(7, len(tokenizer)), vision_pretrained=weights, tokenizer=tokenizer
-    )
+    encoder, tokenizer = from_backbones(grid_config(7, len(tokenizer)), vision_pretrained=weights, tokenizer=tokenizer)
     tower = encoder.model.vision_tower.eval()
     maps = {
         "train": feature_maps(tower, image_processor, train, "train maps"),

@@ -9,7 +9,8 @@ from conftest import REPO_ROOT, random_images
 from test_backbones import assert_decoder_is_the_checkpoints, gemma_style_tokenizer
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration, CNNGemmaProcessor
+from cnngemma.backbones import from_backbones
+from modeling_cnngemma import CNNGemmaConfig, CNNGemmaProcessor
 
 VARIANTS_270M = [
     "mobilenet_single_270m",
@@ -68,7 +69,7 @@ def test_gemma3_checkpoint_loads_exactly_and_captions(gemma3_checkpoint):
         text_config={"model_type": "gemma3_text", **TINY_GEMMA3, "vocab_size": 512},
         image_token_id=4,
     )
-    model, tokenizer = CNNGemmaForConditionalGeneration.from_backbones(config, language_model=path)
+    model, tokenizer = from_backbones(config, language_model=path)
     model.eval()
 
     # `<image>` goes after `<image_soft_token>`, as with the real Gemma 3 tokenizer (see configuration/README.md)

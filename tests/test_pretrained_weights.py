@@ -8,7 +8,8 @@ import timm
 import torch
 from PIL import Image
 
-from modeling_cnngemma import CNNGemmaConfig, CNNGemmaForConditionalGeneration, CNNGemmaImageProcessor
+from cnngemma.backbones import from_backbones
+from modeling_cnngemma import CNNGemmaConfig, CNNGemmaImageProcessor
 from scripts.convert_efficientnet_lite0 import (
     IMAGE_MEAN,
     IMAGE_SIZE,
@@ -69,9 +70,7 @@ def test_from_backbones_tower_gives_timms_feature_map(weights_file, pixel_values
         text_config=tiny_config.text_config.to_dict(),
         image_token_id=tiny_config.image_token_id,
     )
-    model, _ = CNNGemmaForConditionalGeneration.from_backbones(
-        config, vision_pretrained=weights_file, tokenizer=tokenizer
-    )
+    model, _ = from_backbones(config, vision_pretrained=weights_file, tokenizer=tokenizer)
     reference = timm.create_model(
         TIMM_MODEL_NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights_file)), num_classes=0
     )
