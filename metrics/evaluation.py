@@ -215,6 +215,28 @@ def generate_captions(accelerator, model, processor, images, args, desc: str) ->
     return [by_index[i] for i in range(len(images))], counts
 
 
+def caption_loss(accelerator, model, processor, images, references, args) -> float:
+    """The teacher-forced loss per caption token of each image's first reference caption: the validation loss that
+    the training loss is compared with (sharded over processes like the captions)."""
+
+    def collate(rows):
+        return processor(images=[row["image"] for row in rows], suffix=[row["reference"] for row in rows])
+
+    pairs = images.select_columns(["image"]).add_column("reference", [refs[0] for refs in references])
+    loader = accelerator.prepare_data_loader(DataLoader(pairs, batch_size=args.eval_batch_size, collate_fn=collate))
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    total, tokens = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    with torch.inference_mode(), accelerator.autocast():
+        for batch in loader:  # the last batch may repeat a few pairs on several processes: a negligible weight
+            count = (batch["labels"][:, 1:] != -100).sum()  # the labels the shifted loss counts
+            total += unwrapped(**batch).loss.float() * count
+            tokens += count
+    unwrapped.train(was_training)
+    return (accelerator.reduce(total, "sum") / accelerator.reduce(tokens, "sum")).item()
+
+
 def evaluate_split(accelerator, model, processor, scorer, grouped, args, step: int, split: str) -> tuple[dict, list]:
     """Captions and scores one grouped split; the scores only on the main process (scorer is None elsewhere)."""
     images, references, image_ids = grouped
@@ -227,6 +249,7 @@ def evaluate_split(accelerator, model, processor, scorer, grouped, args, step: i
         "num_images": len(predictions),
         "eval_captions_per_second": len(predictions) / seconds,
         "images_per_process": counts,
+        "loss": caption_loss(accelerator, model, processor, images, references, args),
     }
     if accelerator.is_main_process:
         result.update(scorer(predictions, references))

@@ -58,7 +58,7 @@ def test_eval_only_builds_the_demo_data_inside_main_process_first(monkeypatch, s
     class Built(Exception):
         """Stops the run once the demo set is asked for."""
 
-    def fake_build(folder, num_images, seed):
+    def fake_build(folder, num_images, seed, size=128):
         calls.append((bool(inside), folder, num_images, seed))
         raise Built
 
