@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from cnngemma import inference, saving
 from cnngemma.errors import RunError
+from modeling_cnngemma import CNNGemmaForConditionalGeneration
 
 spec = importlib.util.spec_from_file_location("train_hf", REPO_ROOT / "train_hf.py")
 train_hf = importlib.util.module_from_spec(spec)
@@ -190,13 +191,13 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_nothing_half_wri
 def test_a_full_disk_at_the_final_save_keeps_the_previous_model(run_copy, tiny_dataset, monkeypatch, capsys):
     """The probe's J03: the resumed run's final save hit the limit; a traceback and .partial-final were left."""
     before = snapshot(run_copy)
-    real = train_hf.CNNGemmaForConditionalGeneration.save_pretrained
+    real = CNNGemmaForConditionalGeneration.save_pretrained
 
     def disk_full(self, folder, **kwargs):
         real(self, folder, **kwargs)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train_hf.CNNGemmaForConditionalGeneration, "save_pretrained", disk_full)
+    monkeypatch.setattr(CNNGemmaForConditionalGeneration, "save_pretrained", disk_full)
     assert train(tiny_dataset, run_copy, "--resume_from_checkpoint", "latest", "--max_steps", 3) == 1
     assert last_line(capsys).startswith(f"error: saving the final model into {run_copy} failed (OSError: [Errno 28]")
     after = snapshot(run_copy)
