@@ -19,6 +19,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from cnngemma import outputs, saving
+from cnngemma.backbones import notice_files
 from cnngemma.errors import RunError, UsageError
 
 TOOL = "train_hf.py"
@@ -29,7 +30,7 @@ OVERWRITE_PREFIX = ".overwrite-"
 MODEL_FILES = (
     *("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "adapter_config.json"),
     *("processor_config.json", "preprocessor_config.json", "tokenizer*.json", "special_tokens_map.json"),
-    *("chat_template.jinja", "*_cnngemma.py"),
+    *("chat_template.jinja", "*_cnngemma.py", "NOTICE.md", "GEMMA_TERMS.html"),
 )
 RUN_FILES = ("metrics.json", "predictions.jsonl", "samples.html", "loss_curve.png", "train_args.json")
 # Flags a resume may change: they do not change what is trained. Every other difference is refused (or applied with
@@ -399,6 +400,8 @@ def save_final_model(accelerator, model, processor, run: RunFolder):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             processor.save_pretrained(staging)
+            for path in notice_files(model.config):  # the licence files the decoder's weights come with
+                shutil.copyfile(path, staging / path.name)
             saving.stamp(staging, saving.new_save_id())
     except SAVE_ERRORS as error:
         if accelerator.is_main_process:

@@ -16,12 +16,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnngemma import saving
+from cnngemma.backbones import notice_files
 from cnngemma.errors import RunError, first_line, path_type
 from dataset_builder.push import PushError, hub_api, hub_call, push_dataset, repo_id_problem
 
 VARIANTS = ("mobilenet_single", "mobilenet_multi", "efficientnet_single", "efficientnet_multi")
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SECRET_KEY = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
+NOTICE_NAMES = ("NOTICE.md", "GEMMA_TERMS.html")
 SCAN_CHUNK_SIZE = 1 << 24  # the token scan reads 16 MiB at a time: shards can be 5 GB
 
 
@@ -471,6 +474,11 @@ def prepare_folder(job: Job, out: Path, args) -> dict:
     with writing(Path(args.dry_run) if dry else out, dry):
         model.save_pretrained(out, max_shard_size=args.max_shard_size)
         processor.save_pretrained(out)
+        saving.stamp(out, saving.new_save_id())  # one save: readers of the folder check the ids
+        # the licence files the decoder's weights come with (Gemma's NOTICE and terms), as train_hf.py saved them
+        shipped = [job.model_dir / name for name in NOTICE_NAMES if (job.model_dir / name).is_file()]
+        for path in shipped or notice_files(model.config):
+            shutil.copyfile(path, out / path.name)
     check_auto_maps(out)
     with writing(Path(args.dry_run) if dry else out, dry):
         shutil.copyfile(job.model_dir / "metrics.json", out / "metrics.json")
@@ -552,7 +560,12 @@ def holds_gemma(config, train_args: dict) -> bool:
     """Gemma weights are inside when training started from a language model or the decoder has Gemma's vocabulary."""
     from modeling_cnngemma.configuration_cnngemma import PALIGEMMA_VOCAB_SIZE
 
-    return bool(train_args.get("language_model")) or config.text_config.vocab_size == PALIGEMMA_VOCAB_SIZE
+    pretrained_decoder = "language_model" in (getattr(config, "provenance", None) or {})  # recorded by from_backbones
+    return (
+        pretrained_decoder
+        or bool(train_args.get("language_model"))
+        or config.text_config.vocab_size == PALIGEMMA_VOCAB_SIZE
+    )
 
 
 def variant_name(config) -> str:

