@@ -1,0 +1,113 @@
+"""Caption speed of a trained CNNGemma folder on CPU, side by side: fp32 eager, int8 (torch's dynamic quantization,
+`cnngemma.inference.quantize_int8`), int8 with torchao's dynamic int8 config, and compiled static-cache decoding.
+
+    python scripts/measure_decoding.py --model outputs/cnngemma-real --images outputs/synth/raw-2000-42-224px/resized
+
+Per path: ms per new token at batch 1 and captions/s at batch 8, greedy, the same images, in interleaved rounds
+(medians and the spread of the rounds). Test CIDEr per path comes from `python -m metrics.evaluation` (--quantize,
+--compile_generation); torchao's path is measured here only, to decide whether int8 should move to it.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cnngemma.inference import compiled_generation, load_model, quantize_int8
+from cnngemma.outputs import write_text_atomically
+from modeling_cnngemma import load_image
+
+PATHS = ("fp32", "int8", "int8_torchao", "compiled")
+
+
+def torchao_int8(model):
+    """torchao's dynamic int8 (activations per token, weights per channel) on the decoder and an untied copy of the
+    head, the layers quantize_int8 covers."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    quantize_(model.model.language_model, Int8DynamicActivationInt8WeightConfig())
+    quantize_(model.lm_head, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda module, name: True)
+    return model
+
+
+def build(path: str, folder: str):
+    model, processor = load_model(folder)
+    model.eval()
+    generation = {"do_sample": False, "num_beams": 1}
+    if path == "int8":
+        model = quantize_int8(model)
+    elif path == "int8_torchao":
+        model = torchao_int8(model)
+    elif path == "compiled":
+        generation |= compiled_generation()
+    return model, processor, generation
+
+
+def timed(model, processor, generation, images, new_tokens: int) -> float:
+    inputs = processor(images=images)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, **generation, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    seconds = time.perf_counter() - start
+    assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
+    return seconds
+
+
+def summary(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "q1": q[0], "q3": q[2], "runs": len(values)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="A trained CNNGemma folder.")
+    parser.add_argument("--images", required=True, help="A folder of test images.")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="Decoding paths to compare.")
+    parser.add_argument("--new-tokens", type=int, default=20, help="Tokens generated per caption.")
+    parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds per path.")
+    parser.add_argument("--output", default="results/real/decoding.json", help="The JSON to write.")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    files = sorted(Path(args.images).glob("*.jpg"))[:8]
+    images = [load_image(path) for path in files]
+    built, first_call = {}, {}
+    for path in args.paths:
+        model, processor, generation = build(path, args.model)
+        start = time.perf_counter()
+        timed(model, processor, generation, images[:1], args.new_tokens)  # warm-up (compiles the compiled path)
+        timed(model, processor, generation, images, args.new_tokens)
+        first_call[path] = time.perf_counter() - start
+        built[path] = (model, processor, generation)
+    batch1 = {path: [] for path in args.paths}
+    batch8 = {path: [] for path in args.paths}
+    for _ in range(args.rounds):
+        for path in args.paths:
+            model, processor, generation = built[path]
+            batch1[path].append(
+                1000 * timed(model, processor, generation, images[:1], args.new_tokens) / args.new_tokens
+            )
+            batch8[path].append(len(images) / timed(model, processor, generation, images, args.new_tokens))
+    results = {
+        "model": str(args.model),
+        "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(),
+        "first_calls_s": first_call,
+        "ms_per_new_token_batch1": {path: summary(values) for path, values in batch1.items()},
+        "captions_per_s_batch8": {path: summary(values) for path, values in batch8.items()},
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(Path(args.output), json.dumps(results, indent=1) + "\n")
+    for path in args.paths:
+        b1, b8 = results["ms_per_new_token_batch1"][path], results["captions_per_s_batch8"][path]
+        print(
+            f"{path:>13}: {b1['median']:6.1f} ms/token at batch 1 ({b1['q1']:.1f}-{b1['q3']:.1f}), "
+            f"{b8['median']:5.2f} captions/s at batch 8 ({b8['q1']:.2f}-{b8['q3']:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
