@@ -1,14 +1,16 @@
 """Caption speed of a trained CNNGemma folder on CPU, side by side: fp32 eager, int8 (torch's dynamic quantization,
 `cnngemma.inference.quantize_int8`), int8 with torchao's dynamic int8 config, and compiled static-cache decoding.
 
-    python scripts/measure_decoding.py --model outputs/cnngemma-real --images outputs/synth/raw-2000-42-224px/resized
+    python -m scripts.measure_decoding --model outputs/cnngemma-real --images outputs/synth/raw-2000-42-224px/resized
 
 Per path: ms per new token at batch 1 and captions/s at batch 8, greedy, the same images, in interleaved rounds
 (medians and the spread of the rounds). Test CIDEr per path comes from `python -m metrics.evaluation` (--quantize,
---compile_generation); torchao's path is measured here only, to decide whether int8 should move to it.
+--compile_generation); torchao's path is measured here only, to decide whether int8 should move to it, and needs
+`pip install torchao` (not a dependency: importing it makes transformers print torch warnings on every command).
 """
 
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -26,7 +28,12 @@ PATHS = ("fp32", "int8", "int8_torchao", "compiled")
 def torchao_int8(model):
     """torchao's dynamic int8 (activations per token, weights per channel) on the decoder and an untied copy of the
     head, the layers quantize_int8 covers."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
+        raise SystemExit(
+            "error: --paths int8_torchao needs torchao, which is not installed. Run `pip install torchao`."
+        ) from None
 
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
     quantize_(model.model.language_model, Int8DynamicActivationInt8WeightConfig())
@@ -66,7 +73,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="A trained CNNGemma folder.")
     parser.add_argument("--images", required=True, help="A folder of test images.")
-    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="Decoding paths to compare.")
+    installed = [path for path in PATHS if path != "int8_torchao" or importlib.util.find_spec("torchao")]
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=PATHS,
+        default=installed,
+        help="Decoding paths to compare (default: all installed).",
+    )
     parser.add_argument("--new-tokens", type=int, default=20, help="Tokens generated per caption.")
     parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds per path.")
     parser.add_argument("--output", default="results/real/decoding.json", help="The JSON to write.")
