@@ -100,22 +100,7 @@ def assert_decoder_is_the_checkpoints(model, checkpoint, old_vocab: int):
 
 def test_paligemma_checkpoint_gives_its_language_model(tmp_path):
     tokenizer = gemma_style_tokenizer(with_image_token=True)
-    config = PaliGemmaConfig(
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 16,
-        },
-        text_config={"model_type": "gemma", **TEXT_SHAPE, "vocab_size": len(tokenizer)},
-        image_token_index=4,
-        projection_dim=128,
-    )
-    torch.manual_seed(2)
-    paligemma = PaliGemmaForConditionalGeneration(config)
+    paligemma = tiny_paligemma(tokenizer)
     paligemma.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model, loaded_tokenizer = from_backbones(cnngemma_config(), language_model=tmp_path)
