@@ -23,7 +23,7 @@ def first_line(error: BaseException, limit: int = 300) -> str:
 
 def run_command(function: Callable[[], int | None]) -> int:
     """Runs a command's body and returns its exit code (0 when it returns None); a UsageError or RunError becomes
-    one line on stderr and exit code 2 or 1."""
+    one line on stderr and exit code 2 or 1, and Ctrl-C one line and 130 (the shell's code for SIGINT)."""
     try:
         return function() or 0
     except UsageError as error:
@@ -32,6 +32,14 @@ def run_command(function: Callable[[], int | None]) -> int:
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # the cleanup of each output (its lock, its partial files) has run on the way out
+        print(
+            "interrupted (Ctrl-C): stopped before the end. Outputs are replaced only once complete, so earlier ones "
+            "are as they were; a training run resumes with --resume_from_checkpoint latest.",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def check_ranges(args, rules: list[tuple[str, bool, str]]):

@@ -72,15 +72,15 @@ def test_overwrite_that_fails_leaves_the_earlier_run_as_it_was(run_copy, tiny_da
     assert not list(run_copy.glob(".overwrite-*")) and not list(run_copy.parent.glob(".run.*"))
 
 
-def test_overwrite_interrupted_by_ctrl_c_leaves_the_earlier_run(run_copy, tiny_dataset, monkeypatch):
+def test_overwrite_interrupted_by_ctrl_c_leaves_the_earlier_run(run_copy, tiny_dataset, monkeypatch, capsys):
     before = snapshot(run_copy)
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_hf.checkpoints, "save_final_model", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_dataset, run_copy, "--overwrite_output_dir", "--max_steps", 1)
+    assert train(tiny_dataset, run_copy, "--overwrite_output_dir", "--max_steps", 1) == 130
+    assert last_line(capsys).startswith("interrupted (Ctrl-C): stopped before the end. Outputs are replaced only once")
     assert snapshot(run_copy) == before
     assert not list(run_copy.glob(".overwrite-*"))
 
