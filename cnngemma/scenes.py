@@ -167,23 +167,27 @@ class Scene:
     def _read(self, window: Window | None = None, out_shape: tuple[int, int] | None = None, datasets=None):
         """The shown bands as (3, H, W) in the file's type, and a (H, W) mask of invalid pixels (None if none):
         no-data values, NaN, GDAL masks and alpha, and the user's no-data value. A pixel invalid in one shown band
-        is invalid."""
-        bands, invalid = [], None
-        for dataset_index, band in self.shown:
+        is invalid. Each file is read once for all its shown bands (JPEG 2000 decodes them together)."""
+        kwargs = {"window": window}
+        if out_shape is not None:
+            kwargs |= {"out_shape": (1, *out_shape), "resampling": Resampling.nearest}  # exact values for the masks
+        read, invalid = {}, None
+        for dataset_index in dict.fromkeys(index for index, _ in self.shown):
             dataset = (datasets or self.datasets)[dataset_index]
-            kwargs = {"window": window}
+            indexes = sorted({band for index, band in self.shown if index == dataset_index})
             if out_shape is not None:
-                kwargs |= {"out_shape": out_shape, "resampling": Resampling.nearest}  # exact values for the masks
-            data = dataset.read(band, **kwargs)
-            flags = dataset.mask_flag_enums[band - 1]
-            if MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:  # a GDAL mask band or an alpha band
-                hit = dataset.read_masks(band, **kwargs) == 0
-                invalid = hit if invalid is None else invalid | hit
-            hit = invalid_values(data, (dataset.nodatavals[band - 1], self.settings.nodata))
-            if hit is not None:
-                invalid = hit if invalid is None else invalid | hit
-            bands.append(data)
-        return np.stack(bands), invalid
+                kwargs["out_shape"] = (len(indexes), *out_shape)
+            data = dataset.read(indexes, **kwargs)
+            for band, values in zip(indexes, data):
+                read[dataset_index, band] = values
+                flags = dataset.mask_flag_enums[band - 1]
+                if MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:  # a GDAL mask band or an alpha band
+                    hit = dataset.read_masks(band, **{**kwargs, "out_shape": data.shape[1:]}) == 0
+                    invalid = hit if invalid is None else invalid | hit
+                hit = invalid_values(values, (dataset.nodatavals[band - 1], self.settings.nodata))
+                if hit is not None:
+                    invalid = hit if invalid is None else invalid | hit
+        return np.stack([read[source] for source in self.shown]), invalid
 
     def stretch_limits(self) -> tuple[np.ndarray, np.ndarray] | None:
         """One (low, high) per shown band for the whole scene, so that neighbouring tiles look alike: `--stretch`,

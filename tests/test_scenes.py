@@ -293,20 +293,20 @@ def test_bad_scene_input_is_one_line(saved_model_dir, s2_files, tmp_path, capsys
     assert (tmp_path / "theirs.geojson").read_text() == '{"type": "FeatureCollection", "features": []}\n'
 
 
-L8_RESUME = ["--stack", ",".join(map(str, L8)), "--tile", 128, "--batch-size", 2, "--max-new-tokens", 5]
+L8_RESUME = ["--stack", ",".join(map(str, L8)), "--tile", 160, "--batch-size", 2, "--max-new-tokens", 5]
 
 
 @pytest.fixture(scope="session")
 def landsat_reference(saved_model_dir, tmp_path_factory):
-    """One uninterrupted single-process run: 25 tiles of 128 px in 13 batches of 2."""
+    """One uninterrupted single-process run: 16 tiles of 160 px in 8 batches of 2."""
     output = tmp_path_factory.mktemp("reference") / "l8.geojson"
     assert caption_cli.main(["--model", str(saved_model_dir), *map(str, L8_RESUME), "--output", str(output)]) == 0
     return features(output)
 
 
-def test_changed_settings_are_refused(saved_model_dir, landsat_reference, tmp_path, capsys):
+def test_changed_settings_are_refused(saved_model_dir, tmp_path, capsys):
     output = tmp_path / "l8.geojson"
-    argv = ["--model", saved_model_dir, *L8_RESUME, "--output", output]
+    argv = ["--model", saved_model_dir, "--stack", ",".join(map(str, L8)), "--tile", 320, *FLAGS, "--output", output]
     assert run([*argv, "--max-nodata", "0.9"], capsys)[0] == 0
     first = output.read_text()
     code, err = run(argv, capsys)
@@ -335,7 +335,7 @@ def test_a_killed_run_resumes_with_only_the_missing_tiles(
     assert process.wait() == -signal.SIGKILL
     assert not output.exists()
     written = {json.loads(line)["key"] for line in lines.read_text().splitlines() if line.endswith("}")}
-    assert 6 <= len(written) < 25
+    assert 6 <= len(written) < 16
 
     captioned = []
     original = scene_jobs.caption_images
@@ -348,8 +348,8 @@ def test_a_killed_run_resumes_with_only_the_missing_tiles(
     code, err = run(["--model", saved_model_dir, *L8_RESUME, "--output", output], capsys)
     assert code == 0, err
     done_before = 2 * (len(written) // 2)  # whole batches only: a batch cut by the kill is captioned again
-    assert sum(captioned) == 25 - done_before and all(size <= 2 for size in captioned)
-    assert f"25 tile(s): {25 - done_before} captioned, 0 no-data (over 0.5 invalid), {done_before} reused" in err
+    assert sum(captioned) == 16 - done_before and all(size <= 2 for size in captioned)
+    assert f"16 tile(s): {16 - done_before} captioned, 0 no-data (over 0.5 invalid), {done_before} reused" in err
     assert features(output) == landsat_reference
 
     # a finished job run again captions nothing and writes the same features
@@ -367,8 +367,8 @@ def test_shards_without_a_launcher_then_merge(saved_model_dir, landsat_reference
     code, err = run(["--merge", "--output", output], capsys)
     assert (code, err) == (
         1,
-        f"error: {output}: 14 of 25 tiles are not captioned yet (the first: {','.join(map(str, L8))} window "
-        "[0, 0, 128, 128]); unfinished shards: 0/2. Run them with the same flags, then merge.\n",
+        f"error: {output}: 8 of 16 tiles are not captioned yet (the first: {','.join(map(str, L8))} window "
+        "[0, 0, 160, 160]); unfinished shards: 0/2. Run them with the same flags, then merge.\n",
     )
     assert run([*argv, "--shard", "0/2"], capsys)[0] == 0
     code, err = run(["--merge", "--output", output], capsys)
@@ -387,7 +387,7 @@ def test_two_processes_under_accelerate_equal_one(saved_model_dir, landsat_refer
     assert result.returncode == 0, result.stderr[-3000:]
     for shard in ("shard-0-of-2", "shard-1-of-2"):
         done = json.loads((tmp_path / "l8.geojson.work" / shard / "done.json").read_text())
-        assert done["captioned"] > 0 and done["tiles"] == 2 * len(done["batches"]) - (shard == "shard-1-of-2")
+        assert done["captioned"] == done["tiles"] == 2 * len(done["batches"]) == 8
     assert features(output) == landsat_reference
 
 
