@@ -25,7 +25,7 @@ import rasterio
 from rasterio.windows import Window
 
 from .errors import RunError, UsageError, first_line
-from .outputs import RunLock, version, write_text_atomically
+from .outputs import RunLock, pid_alive, version, write_text_atomically
 from .scenes import Scene, TileSettings, describe
 
 TOOL = "caption.py scenes"
@@ -408,6 +408,9 @@ def write_output(output: Path, plan: Plan, found: dict, settings: dict, shards: 
         "scenes": [scene.name for scene in plan.scenes],
     }
     features = (numbered(index, found[tile.key]) for index, tile in enumerate(plan.tiles))
+    for stale in output.parent.glob(f".{output.name}.partial-*"):  # left by a merge that was killed
+        if stale.name.rpartition("-")[2].isdigit() and not pid_alive(int(stale.name.rpartition("-")[2])):
+            stale.unlink(missing_ok=True)
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
     try:
         if output.suffix.lower() == ".parquet":

@@ -371,9 +371,13 @@ def test_shards_without_a_launcher_then_merge(saved_model_dir, landsat_reference
         "[0, 0, 160, 160]); unfinished shards: 0/2. Run them with the same flags, then merge.\n",
     )
     assert run([*argv, "--shard", "0/2"], capsys)[0] == 0
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    stale = tmp_path / f".l8.geojson.partial-{ended.pid}"  # what a merge killed midway leaves
+    stale.write_text('{"type": "FeatureCollection", "cnngemma": {"tool": "caption.py scenes", "features": [\n')
     code, err = run(["--merge", "--output", output], capsys)
     assert code == 0, err
-    assert features(output) == landsat_reference
+    assert features(output) == landsat_reference and not stale.exists()
 
 
 def test_two_processes_under_accelerate_equal_one(saved_model_dir, landsat_reference, tmp_path):
