@@ -90,7 +90,7 @@ def load_model(source: str | None, origin: str = "--model"):
     """The model (eval mode, on the GPU when there is one) and its processor, from a local folder or a Hub id."""
     if not source:
         raise ModelSourceError(f"No model given: pass --model DIR_OR_HUB_ID or set the {MODEL_ENV} variable.")
-    # The same test as the repository's check_source: a Space holds only this file, so it cannot import that one.
+    # The test of cnngemma.inference.check_model_source, raising the page's own error (merging them is left to tidy).
     if not os.path.exists(source):
         if source.startswith((".", "/", "~")) or source.count("/") > 1:
             raise ModelSourceError(
