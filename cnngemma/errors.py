@@ -21,6 +21,12 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+INTERRUPTED = (
+    "interrupted (Ctrl-C): stopped before the end. Outputs are replaced only once complete, so earlier ones are as "
+    "they were; a training run resumes with --resume_from_checkpoint latest."
+)
+
+
 def run_command(function: Callable[[], int | None]) -> int:
     """Runs a command's body and returns its exit code (0 when it returns None); a UsageError or RunError becomes
     one line on stderr and exit code 2 or 1, and Ctrl-C one line and 130 (the shell's code for SIGINT)."""
@@ -32,13 +38,8 @@ def run_command(function: Callable[[], int | None]) -> int:
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        # the cleanup of each output (its lock, its partial files) has run on the way out
-        print(
-            "interrupted (Ctrl-C): stopped before the end. Outputs are replaced only once complete, so earlier ones "
-            "are as they were; a training run resumes with --resume_from_checkpoint latest.",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt:  # the cleanup of each output (its lock, its partial files) has run on the way out
+        print(INTERRUPTED, file=sys.stderr)
         return 130
 
 

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from cnngemma.errors import UsageError, path_type
+from cnngemma.errors import INTERRUPTED, UsageError, path_type
 
 from .tables import SPLIT_ALIASES
 
@@ -190,6 +190,9 @@ def main(argv=None) -> int:
         # TableError, StrictError, offline errors...: one message the user can act on, no traceback.
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     return 0
 
 

@@ -115,6 +115,11 @@ class CNNGemmaConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         for derived in ("vision_feature_dim", "vision_grid", "num_image_tokens"):
             kwargs.pop(derived, None)  # written to config.json for readers, recomputed here
+        if not isinstance(self.text_config, dict | PreTrainedConfig | None):
+            raise TypeError(
+                f"text_config is a {type(self.text_config).__name__} ({str(self.text_config)[:60]}); expected an object "
+                'of decoder settings such as {"model_type": "gemma", "hidden_size": 2048, ...}, or none for the default.'
+            )
         super().__post_init__(**kwargs)
         self.validate_architecture()
         self.vision_feature_dim, height, width = probe_vision_tower(self.vision_model_name, self.image_size)

@@ -11,6 +11,8 @@ import pytest
 from conftest import REPO_ROOT, random_images
 from transformers import PreTrainedTokenizerFast
 
+from cnngemma.errors import INTERRUPTED
+
 spec = importlib.util.spec_from_file_location("train_hf", REPO_ROOT / "train_hf.py")
 train_hf = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_hf)
@@ -83,6 +85,12 @@ CASES = {  # probe id: (flags, the line), paths given as {folder}/name.json
         "--config {c23}: not a usable CNNGemma configuration (ValueError: image_token_id=4 is outside the text "
         "model's vocabulary (vocab_size=3); expected 0 <= image_token_id < 3. Add `<image>` to the tokenizer and set "
         "both from it.). " + CONFIGS,
+    ),
+    "N28": (
+        ["--config", ("n28", lambda d: d.update(text_config=[]), None)],
+        "--config {n28}: not a usable CNNGemma configuration (TypeError: text_config is a list ([]); expected an "
+        'object of decoder settings such as {{"model_type": "gemma", "hidden_size": 2048, ...}}, or none for the '
+        "default.). " + CONFIGS,
     ),
     "C12x": (
         ["--text_config", ("c12x", lambda d: d.update(vision_model_name=VIT), None)],
@@ -367,3 +375,18 @@ def test_dataset_builder_refuses_empty_paths(argv, tmp_path, monkeypatch, capsys
         f"shell variable gives an empty value) (see: python -m dataset_builder {argv[0]} --help)\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_a_build_is_one_line_and_keeps_the_earlier_output(tmp_path, monkeypatch, capsys):
+    """The probe re-run's N68: a KeyboardInterrupt traceback from `dataset_builder build`."""
+    from dataset_builder import build as build_module
+    from dataset_builder.__main__ import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "build", interrupted)
+    table = tmp_path / "captions.csv"
+    table.write_text("image,caption,split\na.jpg,A field .,train\n")
+    assert main(["build", "--captions", str(table), "--captions-only", "--output", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip() == INTERRUPTED
