@@ -25,13 +25,7 @@ from pathlib import Path
 from PIL.Image import DecompressionBombError
 
 from cnngemma.errors import RunError, UsageError, first_line, path_type, run_command
-from cnngemma.inference import (
-    check_generation_length,
-    check_model_source,
-    compiled_generation,
-    load_model,
-    quantize_int8,
-)
+from cnngemma.inference import caption_batch, check_model_source, prepare_for_captioning
 from modeling_cnngemma import load_image
 
 # What Pillow and tifffile raise for files that are not readable images; none of them stops the other images.
@@ -225,25 +219,16 @@ def caption_images(args) -> int:
     from tqdm.auto import tqdm
 
     device = args.device or ("cuda" if torch.cuda.is_available() and args.quantize == "none" else "cpu")
-    model, processor = load_model(args.model, revision=args.revision)
-    try:
-        model = model.to(device)
-    except (RuntimeError, AssertionError, ValueError) as error:  # torch: unknown device, or no CUDA in this build
-        raise RunError(
-            f"--device {device}: cannot use it ({type(error).__name__}: {first_line(error)}). Pass cpu, or cuda:N "
-            "for a GPU that torch sees."
-        ) from None
-    check_generation_length(model, processor, args.max_new_tokens, args.prompt, flag="--max-new-tokens")
-    if args.quantize == "int8":
-        model = quantize_int8(model)
-    generation = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": False}
-    if args.compile:
-        if not getattr(model, "_can_compile_fullgraph", False):
-            raise RunError(
-                f"--compile: the modeling code in {args.model} predates compiled decoding. Re-save the model with the "
-                "current code (save_pretrained), or drop --compile."
-            )
-        generation |= compiled_generation()
+    model, processor, generation = prepare_for_captioning(
+        args.model,
+        revision=args.revision,
+        device=device,
+        quantize=args.quantize,
+        compile=args.compile,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        prompt=args.prompt,
+    )
     # compiled decoding keeps one graph per batch size: the last, smaller batch is padded with copies of an image
     fixed_batch = min(args.batch_size, len(paths)) if args.compile else 0
     show_progress = any(Path(item).is_dir() for item in args.inputs)
@@ -264,13 +249,7 @@ def caption_images(args) -> int:
             errors.append(f"error: {path}: {problem}")
             progress.write(errors[-1], file=sys.stderr)  # above the progress bar, not through it
         if images:
-            padding = images[-1:] * (fixed_batch - len(images)) if fixed_batch else []
-            inputs = processor(images=images + padding, text=args.prompt).to(device)
-            with torch.inference_mode():
-                generated = model.generate(**inputs, **generation)[: len(images)]
-            captions = processor.post_process_image_text_to_text(
-                generated, input_ids=inputs["input_ids"][: len(images)]
-            )
+            captions = caption_batch(model, processor, images, args.prompt, generation, device, fixed_batch)
             captioned += len(captions)
             for path, caption in zip(names, captions, strict=True):
                 if args.format == "jsonl":

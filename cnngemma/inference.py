@@ -277,6 +277,51 @@ def quantize_int8(model):
         return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
 
 
+def prepare_for_captioning(
+    source: str,
+    *,
+    revision: str | None,
+    device: str,
+    quantize: str,
+    compile: bool,
+    max_new_tokens: int,
+    num_beams: int,
+    prompt: str | None,
+):
+    """The model on `device`, its processor and the `generate` arguments for caption.py's flags (images and scenes):
+    checked against the decoder's length, then int8 or compiled as asked. Each failure is one RunError line."""
+    model, processor = load_model(source, revision=revision)
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError, ValueError) as error:  # torch: unknown device, or no CUDA in this build
+        raise RunError(
+            f"--device {device}: cannot use it ({type(error).__name__}: {first_line(error)}). Pass cpu, or cuda:N "
+            "for a GPU that torch sees."
+        ) from None
+    check_generation_length(model, processor, max_new_tokens, prompt, flag="--max-new-tokens")
+    if quantize == "int8":
+        model = quantize_int8(model)
+    generation = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
+    if compile:
+        if not getattr(model, "_can_compile_fullgraph", False):
+            raise RunError(
+                f"--compile: the modeling code in {source} predates compiled decoding. Re-save the model with the "
+                "current code (save_pretrained), or drop --compile."
+            )
+        generation |= compiled_generation()
+    return model, processor, generation
+
+
+def caption_batch(model, processor, images, prompt, generation: dict, device, fixed_batch: int = 0) -> list[str]:
+    """Captions for a batch of RGB images, padded with copies of the last to `fixed_batch` (the compiled path keeps
+    one graph per batch size)."""
+    padding = images[-1:] * (fixed_batch - len(images)) if fixed_batch else []
+    inputs = processor(images=images + padding, text=prompt).to(device)
+    with torch.inference_mode():
+        generated = model.generate(**inputs, **generation)[: len(images)]
+    return processor.post_process_image_text_to_text(generated, input_ids=inputs["input_ids"][: len(images)])
+
+
 def compiled_generation(backend: str = "inductor") -> dict:
     """`generate` arguments for the compiled path: a static KV cache, and decode steps that transformers compiles
     whole (`fullgraph=True`) on any device. The prefill, where the CNN runs, stays eager."""

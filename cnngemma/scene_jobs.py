@@ -25,6 +25,8 @@ import rasterio
 from rasterio.windows import Window
 
 from .errors import RunError, UsageError, first_line
+from .inference import caption_batch as caption_images
+from .inference import prepare_for_captioning
 from .outputs import RunLock, pid_alive, version, write_text_atomically
 from .scenes import Scene, TileSettings, describe
 
@@ -221,18 +223,6 @@ def open_for_append(path: Path):
     return open(path, "a", encoding="utf-8")
 
 
-def caption_images(model, processor, images, prompt, generation: dict, device, fixed_batch: int = 0) -> list[str]:
-    """Greedy or beam captions for a batch of RGB images (padded with copies of the last to `fixed_batch`, for the
-    compiled path's one graph per batch size)."""
-    import torch
-
-    padding = images[-1:] * (fixed_batch - len(images)) if fixed_batch else []
-    inputs = processor(images=images + padding, text=prompt).to(device)
-    with torch.inference_mode():
-        generated = model.generate(**inputs, **generation)[: len(images)]
-    return processor.post_process_image_text_to_text(generated, input_ids=inputs["input_ids"][: len(images)])
-
-
 class Captioner:
     """A loaded model and its processor, captioning batches of tiles with fixed generation settings."""
 
@@ -246,22 +236,16 @@ class Captioner:
     @classmethod
     def load(cls, options: JobOptions, device: str) -> Captioner:
         """The job's model, loaded once, on `device`, quantized or compiled as the flags say."""
-        from .inference import check_generation_length, compiled_generation, load_model, quantize_int8
-
-        model, processor = load_model(options.model, revision=options.revision)
-        try:
-            model = model.to(device)
-        except (RuntimeError, AssertionError, ValueError) as error:
-            raise RunError(
-                f"--device {device}: cannot use it ({type(error).__name__}: {first_line(error)}). Pass cpu, or cuda:N "
-                "for a GPU that torch sees."
-            ) from None
-        check_generation_length(model, processor, options.max_new_tokens, options.prompt, "--max-new-tokens")
-        if options.quantize == "int8":
-            model = quantize_int8(model)
-        generation = {"max_new_tokens": options.max_new_tokens, "num_beams": options.num_beams, "do_sample": False}
-        if options.compile:
-            generation |= compiled_generation()
+        model, processor, generation = prepare_for_captioning(
+            options.model,
+            revision=options.revision,
+            device=device,
+            quantize=options.quantize,
+            compile=options.compile,
+            max_new_tokens=options.max_new_tokens,
+            num_beams=options.num_beams,
+            prompt=options.prompt,
+        )
         return cls(model, processor, generation, options.prompt, options.batch_size if options.compile else 0)
 
     def __call__(self, images) -> list[str]:

@@ -204,14 +204,16 @@ def test_compile_gives_the_eager_captions_with_one_graph_for_every_batch(tmp_pat
     assert caption_cli.main([*argv, str(folder)]) == 0
     eager = capsys.readouterr().out
 
-    real = caption_cli.compiled_generation
-    caption_cli.compiled_generation = lambda: real(backend="eager")
+    from cnngemma import inference
+
+    real = inference.compiled_generation
+    inference.compiled_generation = lambda: real(backend="eager")
     torch._dynamo.reset()
     counters.clear()
     try:
         assert caption_cli.main([*argv, "--compile", str(folder)]) == 0
     finally:
-        caption_cli.compiled_generation = real
+        inference.compiled_generation = real
     assert capsys.readouterr().out == eager and len(eager.splitlines()) == 5
     assert counters["stats"]["unique_graphs"] == 1
 
