@@ -157,27 +157,43 @@ def parse_args(argv=None):
     return args
 
 
+def sorted_files(folder: Path, links: list[Path]):
+    """The files under `folder`, streamed in sorted path order: each folder's entries sorted by name, a sub-folder
+    walked where its name falls. Symlinked sub-folders are not entered (a link can point back up the tree): they
+    are added to `links`."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError:  # unreadable: as os.walk, nothing from it
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from sorted_files(Path(entry.path), links)
+        elif entry.is_dir():
+            links.append(Path(entry.path))
+        elif entry.is_file():
+            yield Path(entry.path)
+
+
 def collect_images(inputs: list[str], suffixes=IMAGE_SUFFIXES) -> tuple[list[Path], list[str], list[Path], list[Path]]:
     """Image paths in the given order (folders sorted, recursive), error lines for inputs that do not exist or
-    folders without images, the non-image files skipped in folders, and the symlinked sub-folders not searched
-    (a link can point back up the tree)."""
+    folders without images, the non-image files skipped in folders, and the symlinked sub-folders not searched."""
     paths, errors, skipped, links = [], [], [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            files = []
-            for root, dirs, names in os.walk(item):
-                links += [Path(root, name) for name in dirs if Path(root, name).is_symlink()]
-                files += [Path(root, name) for name in names if Path(root, name).is_file()]
-            files.sort()
-            images = [p for p in files if p.suffix.lower() in suffixes]
+            images, others = [], 0
+            for path in sorted_files(item, links):
+                if path.suffix.lower() in suffixes:
+                    images.append(path)
+                else:
+                    skipped.append(path)
+                    others += 1
             if not images:
-                found = f"only {len(files)} other file(s)" if files else "it is empty"
+                found = f"only {others} other file(s)" if others else "it is empty"
                 errors.append(
                     f"error: {item}: no images in this folder ({found}). Expected files ending in "
                     f"{', '.join(sorted(suffixes))}; pass a folder that holds images."
                 )
             paths.extend(images)
-            skipped.extend(p for p in files if p.suffix.lower() not in suffixes)
         elif item.is_file():
             paths.append(item)
         elif item.exists():
@@ -185,6 +201,17 @@ def collect_images(inputs: list[str], suffixes=IMAGE_SUFFIXES) -> tuple[list[Pat
         else:
             errors.append(f"error: {item}: no such file or folder")
     return paths, errors, skipped, sorted(links)
+
+
+def first_scene(inputs: list[str]) -> Path | None:
+    """The first georeferenced raster among the inputs, listing folders only as far as it."""
+    from cnngemma.scenes import RASTER_SUFFIXES, is_georeferenced
+
+    for item in map(Path, inputs):
+        for path in sorted_files(item, []) if item.is_dir() else [item] if item.is_file() else []:
+            if path.suffix.lower() in RASTER_SUFFIXES and is_georeferenced(path):
+                return path
+    return None
 
 
 def escape(text: str) -> str:
@@ -372,13 +399,7 @@ def caption(args) -> int:
 
         return merge(Path(args.output), args.attribution)
     check_model_source(args.model)
-    scene_mode = scene_flags_given(args)
-    if not scene_mode:
-        from cnngemma.scenes import RASTER_SUFFIXES, is_georeferenced
-
-        paths, _, _, _ = collect_images(args.inputs, IMAGE_SUFFIXES | RASTER_SUFFIXES)
-        scene_mode = any(path.suffix.lower() in RASTER_SUFFIXES and is_georeferenced(path) for path in paths)
-    if not scene_mode:
+    if not (scene_flags_given(args) or first_scene(args.inputs)):
         return caption_images(args)
     from cnngemma.scene_jobs import caption_scenes
     from cnngemma.scenes import RASTER_SUFFIXES

@@ -6,12 +6,17 @@ Work folder layout (`OUTPUT.work/`): `job.json` (the settings and their hash, th
 `shard-I-of-N/`, holding `tiles.jsonl` (one line per finished tile: its key and its GeoJSON feature) and, once the
 shard is finished, `done.json`. A tile is done when a line holds its key: the scene's path, size and mtime, the window
 and the settings hash. A batch counts only when all its tiles are there, so a resumed run sees the same batches.
+
+A shard writes its batches in ascending order and never a done one again, so each `tiles.jsonl` is in tile order, but
+for a batch cut short by a kill and written whole after it. The merge streams the shards' lines through a k-way merge
+and holds one batch per shard, never the features of the whole job.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -57,7 +62,7 @@ class JobOptions:
     attribution: str | None = None  # the imagery's credit line, printed on the previews
 
 
-@dataclass
+@dataclass(slots=True)
 class Tile:
     scene: int  # index into the plan's scenes
     window: tuple[int, int, int, int]  # col_off, row_off, width, height
@@ -68,7 +73,7 @@ class Plan:
     """Every tile of the job in output order (scenes in the given order, each row by row) and the fixed batches."""
 
     def __init__(self, scenes: list[Scene], settings_hash: str, batch_size: int):
-        self.scenes, self.tiles = scenes, []
+        self.scenes, self.tiles, self.batch_size = scenes, [], batch_size
         for index, scene in enumerate(scenes):
             identity = scene.key()
             for window in scene.windows():
@@ -78,6 +83,7 @@ class Plan:
         self.batches = [
             list(range(i, min(i + batch_size, len(self.tiles)))) for i in range(0, len(self.tiles), batch_size)
         ]
+        self.numbers = {tile.key: number for number, tile in enumerate(self.tiles)}
 
 
 def shard_batches(count: int, index: int, shards: int) -> list[int]:
@@ -192,24 +198,73 @@ def start_job(work: Path, settings: dict, scenes: list[Scene]) -> str:
     return digest
 
 
-def finished_tiles(work: Path) -> dict[str, dict]:
-    """Every tile line in the work folder's shards, by key (a later line wins); a line cut short by a kill is
-    skipped."""
-    found = {}
-    for shard in sorted(work.iterdir()) if work.is_dir() else []:
-        if not SHARD_FOLDER.fullmatch(shard.name) or not (shard / "tiles.jsonl").is_file():
+def shard_lines(work: Path) -> list[Path]:
+    """The `tiles.jsonl` of every shard folder in the work folder, in name order."""
+    shards = sorted(work.iterdir()) if work.is_dir() else []
+    return [
+        shard / "tiles.jsonl"
+        for shard in shards
+        if SHARD_FOLDER.fullmatch(shard.name) and (shard / "tiles.jsonl").is_file()
+    ]
+
+
+def tile_records(path: Path):
+    """(key, feature) for each line of a shard's lines file; a line cut short by a kill is skipped."""
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            try:
+                record = json.loads(line)
+                yield record["key"], record["feature"]
+            except (ValueError, KeyError, TypeError):
+                continue
+
+
+def finished_keys(work: Path) -> set[str]:
+    """The keys of every tile with a line in the work folder's shards."""
+    return {key for path in shard_lines(work) for key, _ in tile_records(path)}
+
+
+def shard_features(path: Path, plan: Plan):
+    """(tile number, feature) of one shard in tile order, a batch at a time. A batch written again after a kill cut
+    its first write short starts over at a lower tile number: it replaces the partial one."""
+    batch, tiles, last = None, [], -1
+    for key, feature in tile_records(path):
+        number = plan.numbers.get(key)
+        if number is None:  # a tile of a scene that has changed since (its key holds the size and mtime)
             continue
-        with open(shard / "tiles.jsonl", encoding="utf-8") as file:
-            for line in file:
-                try:
-                    record = json.loads(line)
-                    found[record["key"]] = record["feature"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-    return found
+        this = number // plan.batch_size
+        if batch is not None and this < batch:
+            raise RunError(
+                f"{path}: tile {number} comes after tile {last}; the shard's lines are out of order, which "
+                "caption.py never writes. Delete the work folder to caption the job again."
+            )
+        if this != batch:  # the next batch: the one before is whole
+            yield from tiles
+            batch, tiles = this, []
+        elif number <= last:  # the same batch again, written whole after a kill cut it short
+            tiles = []
+        tiles.append((number, feature))
+        last = number
+    yield from tiles
 
 
-def done_batches(plan: Plan, found: dict) -> set[int]:
+def merged_features(plan: Plan, work: Path):
+    """Every tile's feature in plan order, from all shards (a tile in several, after the shard count changed: the
+    last shard's)."""
+    streams = [shard_features(path, plan) for path in shard_lines(work)]
+    expected, held = 0, None
+    for number, feature in heapq.merge(*streams, key=lambda item: item[0]):
+        if held is not None and number != held[0]:
+            yield held
+            expected += 1
+        if number > expected:
+            raise RunError(f"{work}: tile {expected} has no line; run the unfinished shards with the same flags.")
+        held = (number, feature)
+    if held is not None:
+        yield held
+
+
+def done_batches(plan: Plan, found: set[str]) -> set[int]:
     return {number for number, batch in enumerate(plan.batches) if all(plan.tiles[i].key in found for i in batch)}
 
 
@@ -317,7 +372,9 @@ def caption_batch(plan: Plan, indices: list[int], captioner, reader: SceneReader
     return features, reading
 
 
-def run_shard(plan: Plan, batches: list[int], found: dict, shard: Path, captioner_factory, model_name, show) -> dict:
+def run_shard(
+    plan: Plan, batches: list[int], found: set[str], shard: Path, captioner_factory, model_name, show
+) -> dict:
     """Captions the shard's missing batches, appending one line per tile after each batch; returns counts and the
     seconds spent reading and tiling vs in total."""
     from tqdm.auto import tqdm
@@ -373,25 +430,9 @@ def caption_scene(
     return [numbered(number, feature) for number, feature in enumerate(features)]
 
 
-def write_output(output: Path, plan: Plan, found: dict, settings: dict, shards: list[str]):
-    """Streams the features in plan order (GeoJSON, or GeoParquet for .parquet) into a temporary file beside `output`
-    and renames it into place; a tile without a line is a gap, refused with the shards that are not finished."""
-    missing = [tile for tile in plan.tiles if tile.key not in found]
-    if missing:
-        first = missing[0]
-        raise RunError(
-            f"{output}: {len(missing)} of {len(plan.tiles)} tiles are not captioned yet (the first: "
-            f"{plan.scenes[first.scene].name} window {list(first.window)}); unfinished shards: "
-            f"{', '.join(shards) or 'none'}. Run them with the same flags, then merge."
-        )
-    record = {
-        "tool": TOOL,
-        "version": version(),
-        "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "settings": settings,
-        "scenes": [scene.name for scene in plan.scenes],
-    }
-    features = (numbered(index, found[tile.key]) for index, tile in enumerate(plan.tiles))
+def write_output(output: Path, features, record: dict):
+    """Streams the numbered features (GeoJSON, or GeoParquet for .parquet) into a temporary file beside `output`
+    and renames it into place once all are written."""
     for stale in output.parent.glob(f".{output.name}.partial-*"):  # left by a merge that was killed
         if stale.name.rpartition("-")[2].isdigit() and not pid_alive(int(stale.name.rpartition("-")[2])):
             stale.unlink(missing_ok=True)
@@ -417,27 +458,55 @@ def write_output(output: Path, plan: Plan, found: dict, settings: dict, shards: 
         partial.unlink(missing_ok=True)
 
 
-def write_previews(output: Path, plan: Plan, found: dict, attribution: str | None) -> list[Path]:
-    """One preview PNG per scene beside the output (`scene_preview`)."""
-    from .scene_preview import preview_path, render_preview
+def with_previews(plan: Plan, features, output: Path, attribution: str | None, written: list[Path]):
+    """The features passed on, numbered, each also drawn on its scene's preview (`scene_preview`); a scene's preview
+    is saved when its last tile has gone by, and its path added to `written`."""
+    from .scene_preview import Preview, preview_path
 
-    written = []
-    for index, scene in enumerate(plan.scenes):
-        items = [(number, found[tile.key]) for number, tile in enumerate(plan.tiles) if tile.scene == index]
-        path = preview_path(output, index, scene)
+    preview, current = None, None
+    for number, feature in features:
+        scene = plan.tiles[number].scene
+        if scene != current:
+            close_preview(preview, written)
+            preview, current = (
+                Preview(plan.scenes[scene], preview_path(output, scene, plan.scenes[scene]), attribution),
+                scene,
+            )
+        preview.add(number, feature)
+        yield numbered(number, feature)
+    close_preview(preview, written)
+
+
+def close_preview(preview, written: list[Path]):
+    if preview is not None:
         try:
-            if render_preview(scene, items, path, attribution):
-                written.append(path)
+            if preview.save():
+                written.append(preview.path)
         finally:
-            scene.close()
-    return written
+            preview.scene.close()
 
 
 def finish(output: Path, plan: Plan, work: Path, settings: dict, attribution: str | None):
-    """The merge: the GeoJSON, then the previews, and what was written."""
-    found = finished_tiles(work)
-    write_output(output, plan, found, settings, unfinished_shards(work))
-    previews = write_previews(output, plan, found, attribution)
+    """The merge: every tile's line checked for, then the shards streamed into the output and the previews."""
+    found = finished_keys(work)
+    missing = [tile for tile in plan.tiles if tile.key not in found]
+    if missing:
+        first = missing[0]
+        raise RunError(
+            f"{output}: {len(missing)} of {len(plan.tiles)} tiles are not captioned yet (the first: "
+            f"{plan.scenes[first.scene].name} window {list(first.window)}); unfinished shards: "
+            f"{', '.join(unfinished_shards(work)) or 'none'}. Run them with the same flags, then merge."
+        )
+    del found
+    record = {
+        "tool": TOOL,
+        "version": version(),
+        "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "settings": settings,
+        "scenes": [scene.name for scene in plan.scenes],
+    }
+    previews = []
+    write_output(output, with_previews(plan, merged_features(plan, work), output, attribution, previews), record)
     shown = f"; preview{'s' if len(previews) > 1 else ''} {', '.join(map(str, previews[:3]))}" if previews else ""
     shown += f" and {len(previews) - 3} more" if len(previews) > 3 else ""
     print(f"wrote {output}: {len(plan.tiles)} feature(s) from {len(plan.scenes)} scene(s){shown}.", file=sys.stderr)
@@ -501,7 +570,7 @@ def run_job(options: JobOptions, state, index: int, count: int, main: bool) -> i
     device = options.device or (str(state.device) if state is not None else None)
     with RunLock(shard, flag="--output"):
         (shard / "done.json").unlink(missing_ok=True)
-        found = finished_tiles(work)
+        found = finished_keys(work)
         numbers = list(range(len(plan.batches)))
         if state is not None:
             with state.split_between_processes(numbers) as mine:
@@ -560,5 +629,6 @@ def merge(output: Path, attribution: str | None = None) -> int:
     except OSError as error:
         raise RunError(f"{error}: a scene of the job is gone. Restore it, or start the job over.") from None
     plan = Plan(scenes, job["settings_hash"], settings["batch_size"])
-    finish(output, plan, work, settings, attribution)
+    with rasterio.Env(GDAL_CACHEMAX=BLOCK_CACHE_BYTES):  # the previews read each scene whole, decimated
+        finish(output, plan, work, settings, attribution)
     return 0

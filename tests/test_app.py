@@ -2,6 +2,7 @@
 against the shared tiny trained model, and its messages for a model that cannot be loaded."""
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -252,6 +254,60 @@ def test_gradio_client_calls_the_caption_endpoint(app_url, scene, generate_capti
         {"headers": COLUMNS, "data": [], "metadata": None},
         "No image given: upload one or more images, or pick an example.",
     )
+
+
+def test_page_captions_a_scene_upload_and_the_example_as_caption_py_does(
+    app_url, browser, app_module, trained_demo, tmp_path
+):
+    # The scene tab in the browser: an uploaded GeoTIFF, then the bundled example picked, each gives the preview
+    # picture and the GeoJSON download that the same model gives in-process.
+    from cnngemma import inference
+
+    model_dir, _ = trained_demo
+    expected_preview, expected_geojson, _ = app_module.Captioner(
+        *inference.load_model(str(model_dir)), str(model_dir)
+    ).scene(str(app_module.SCENE_EXAMPLE), 128)
+    expected = without_scene(json.loads(Path(expected_geojson).read_text())["features"])
+    expected_picture = np.asarray(Image.open(expected_preview))
+    upload = tmp_path / "my_scene.tif"
+    shutil.copyfile(app_module.SCENE_EXAMPLE, upload)
+    browser.get(app_url)
+    field = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#scene input[type=file]"))
+
+    def caption_and_download(name: str) -> tuple[list[dict], np.ndarray]:
+        wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, f"#scene td.filename[aria-label='{name}']"))
+        browser.find_element(By.ID, "scene-button").click()
+        message = wait_for(
+            browser, lambda d: "tiles captioned in" in (text := d.find_element(By.ID, "scene-message").text) and text
+        )
+        assert message.startswith(
+            f"{name}: 384 x 384 px, uint16 (B04 red, B03 green, B02 blue), EPSG:32618; 9 tile(s)"
+        )
+        link = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#scene-geojson a[href]"))
+        source = wait_for(browser, lambda d: d.execute_script(
+            "const img = document.querySelector('#scene-preview img'); return img && img.complete && img.naturalWidth > 0 && img.src"
+        ))  # fmt: skip
+        with urllib.request.urlopen(source, timeout=30) as response:
+            picture = np.asarray(Image.open(io.BytesIO(response.read())))
+        with urllib.request.urlopen(link.get_attribute("href"), timeout=30) as response:
+            features = json.loads(response.read())["features"]
+        assert all(Path(feature["properties"]["scene"]).name == name for feature in features)
+        return without_scene(features), picture
+
+    field.send_keys(str(upload))
+    features, picture = caption_and_download("my_scene.tif")
+    assert features == expected
+    assert np.array_equal(picture[:384], expected_picture[:384])  # the scene and its tiles; no attribution below
+    browser.refresh()
+    example = "//button[contains(@class, 'gallery-item')][contains(., 'sentinel2_eastern_shore.tif')]"
+    wait_for(browser, lambda d: d.find_element(By.XPATH, example)).click()
+    features, picture = caption_and_download("sentinel2_eastern_shore.tif")
+    assert features == expected and np.array_equal(picture, expected_picture)
+    assert "Traceback" not in browser.page_source
+
+
+def without_scene(features: list[dict]) -> list[dict]:
+    return [{**item, "properties": {k: v for k, v in item["properties"].items() if k != "scene"}} for item in features]
 
 
 def test_uploads_reach_the_model_as_the_training_data_were_decoded(app_module, trained_demo, tmp_path):

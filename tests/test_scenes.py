@@ -395,6 +395,37 @@ def test_two_processes_under_accelerate_equal_one(saved_model_dir, landsat_refer
     assert features(output) == landsat_reference
 
 
+def test_the_merge_streams_shards_in_tile_order(tmp_path):
+    """Shard lines as kills and a changed shard count leave them: a batch cut short and written whole after it, a
+    batch in two shard folders, a line cut mid-way. The merge gives every tile once, in order, and names a gap."""
+    write_raster(tmp_path / "scene.tif", np.ones((3, 40, 60), np.uint16))
+    plan = scene_jobs.Plan([Scene([tmp_path / "scene.tif"], TileSettings(tile=10))], "h", batch_size=4)  # 24 tiles
+    work = tmp_path / "out.geojson.work"
+
+    def write(shard, numbers, cut=False):
+        folder = work / shard
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({"key": plan.tiles[n].key, "feature": {"tile": n, "shard": shard}}) for n in numbers]
+        with open(folder / "tiles.jsonl", "a") as file:
+            file.write("\n".join(lines) + ("\n" if not cut else "\n" + lines[-1][:9]))
+
+    write("shard-0-of-1", [*range(0, 8), 8, 9])  # batches 0-1, then batch 2 cut short by a kill
+    write("shard-0-of-1", [*range(8, 12)])  # the resumed run writes batch 2 whole
+    write("shard-0-of-1", [12, 13], cut=True)  # batch 3 cut short, and its last line too
+    write("shard-1-of-2", [*range(12, 24)])  # the job resumed on 2 processes: shard 1 holds batches 3-5
+    merged = list(scene_jobs.merged_features(plan, work))
+    assert [number for number, _ in merged] == list(range(24))
+    assert [feature["tile"] for _, feature in merged] == list(range(24))
+    assert {feature["shard"] for number, feature in merged if number >= 12} == {"shard-1-of-2"}
+    assert scene_jobs.finished_keys(work) == {tile.key for tile in plan.tiles}
+
+    (work / "shard-1-of-2" / "tiles.jsonl").write_text(
+        "".join(json.dumps({"key": plan.tiles[n].key, "feature": {}}) + "\n" for n in [*range(12, 16), *range(20, 24)])
+    )
+    with pytest.raises(scene_jobs.RunError, match=f"^{work}: tile 16 has no line; run the unfinished shards"):
+        list(scene_jobs.merged_features(plan, work))
+
+
 def test_a_tile_across_the_antimeridian_is_a_multipolygon(tmp_path):
     # UTM zone 60N: longitude 180 lies near x = 818 km at this latitude; the tile spans 800-832 km
     write_raster(tmp_path / "fiji.tif", np.ones((3, 64, 64), np.uint16), crs="EPSG:32660")
