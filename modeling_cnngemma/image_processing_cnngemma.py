@@ -368,6 +368,10 @@ def decode(file, name, bands, nodata) -> Image.Image:
     return decode_tiff(file, orientation, bands, nodata)[0]
 
 
+# What transformers writes into a saved image processor's config beside the image kwargs; the constructor takes them.
+SAVED_KEYS = frozenset({"image_processor_type", "processor_class", "auto_map", "_processor_class"})
+
+
 class CNNGemmaImageProcessor(PilBackend):
     r"""
     Prepares images for CNNGemma's CNN with transformers' `PilBackend` (PIL resize, NumPy rescale and normalise).
@@ -392,6 +396,7 @@ class CNNGemmaImageProcessor(PilBackend):
     load_image = staticmethod(load_image)
 
     def __init__(self, **kwargs):
+        self.check_kwargs(kwargs, SAVED_KEYS)
         if isinstance(kwargs.get("resample"), str):  # a name: PilBackend would quietly resize bilinear instead
             if kwargs["resample"] not in RESAMPLE:
                 raise ValueError(
@@ -399,6 +404,14 @@ class CNNGemmaImageProcessor(PilBackend):
                 )
             kwargs["resample"] = RESAMPLE[kwargs["resample"]]
         super().__init__(**kwargs)
+
+    @classmethod
+    def check_kwargs(cls, kwargs: dict, also: frozenset = frozenset()):
+        if unknown := sorted(set(kwargs) - set(cls.valid_kwargs.__annotations__) - also):
+            raise ValueError(
+                f"CNNGemmaImageProcessor got unknown keyword argument(s) {unknown}; expected transformers' image "
+                f"kwargs: {', '.join(sorted(cls.valid_kwargs.__annotations__))}."
+            )
 
     @classmethod
     def from_timm(cls, vision_model_name: str, image_size: int) -> "CNNGemmaImageProcessor":
@@ -416,11 +429,7 @@ class CNNGemmaImageProcessor(PilBackend):
     def preprocess(self, images, **kwargs):
         """One image or a list of images -> `pixel_values` of shape (B, 3, height, width), a torch tensor unless
         `return_tensors` says otherwise."""
-        if unknown := sorted(set(kwargs) - set(self.valid_kwargs.__annotations__)):
-            raise ValueError(
-                f"CNNGemmaImageProcessor got unknown keyword argument(s) {unknown}; expected transformers' image "
-                f"kwargs: {', '.join(sorted(self.valid_kwargs.__annotations__))}."
-            )
+        self.check_kwargs(kwargs)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("Expected at least one image, got an empty list.")

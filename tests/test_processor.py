@@ -1,5 +1,7 @@
 """CNNGemmaProcessor, CNNGemmaImageProcessor and the caption tokenizer."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +83,32 @@ def test_unknown_kwargs_are_refused_by_name(processor):
         processor(images=[image], truncation=True)
     # what transformers' pipelines pass is accepted: rows are left-padded to the longest anyway
     assert torch.equal(processor(images=[image], padding=True)["input_ids"], processor(images=[image])["input_ids"])
+
+
+def test_the_constructor_refuses_unknown_kwargs_but_loads_saved_configs(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"^CNNGemmaImageProcessor got unknown keyword argument\(s\) \['sizee'\]; expected"
+    ):
+        CNNGemmaImageProcessor(sizee=12)
+    # the keys transformers writes beside the image kwargs, and a config saved by the first release (size as an int,
+    # resample by name), both load
+    written = CNNGemmaImageProcessor(size=64)
+    written.save_pretrained(tmp_path / "now")
+    assert CNNGemmaImageProcessor.from_pretrained(tmp_path / "now").to_dict() == written.to_dict()
+    first_release = {
+        "size": 96,
+        "resample": "bilinear",
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "image_processor_type": "CNNGemmaImageProcessor",
+        "processor_class": "CNNGemmaProcessor",
+        "auto_map": {"AutoImageProcessor": "image_processing_cnngemma.CNNGemmaImageProcessor"},
+    }
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "preprocessor_config.json").write_text(json.dumps(first_release))
+    loaded = CNNGemmaImageProcessor.from_pretrained(tmp_path / "old")
+    assert (loaded.size.height, loaded.size.width, loaded.resample) == (96, 96, PILImageResampling.BILINEAR)
+    assert loaded(random_images(1, size=40)[0])["pixel_values"].shape == (1, 3, 96, 96)
 
 
 def test_resample_by_name_and_unknown_names():
