@@ -15,6 +15,14 @@ TOKEN_MODES = ("single", "multi", "grid")
 PROJECTOR_TYPES = ("linear", "mlp")
 TEXT_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
+# Fields with a plain type, checked by name (a bool is not taken for a number).
+SCALAR_FIELDS = (
+    ("prompt_prefix", (str,), "a str (the default prompt, e.g. 'caption en')"),
+    ("image_token_id", (int,), "an int (the id of `<image>` in the tokenizer)"),
+    ("initializer_range", (int, float), "a number (the std of the projector's initial weights)"),
+    ("tie_word_embeddings", (bool,), "a bool"),
+)
+
 # PaliGemma-3B's decoder: Gemma 2B with PaliGemma's 257,216-token vocabulary (257,152 + 64 special tokens).
 PALIGEMMA_VOCAB_SIZE = 257216
 PALIGEMMA_IMAGE_TOKEN_ID = 257152
@@ -184,6 +192,10 @@ class CNNGemmaConfig(PreTrainedConfig):
             )
         if self.provenance is not None and not isinstance(self.provenance, dict):
             raise ValueError(f"provenance={self.provenance!r} must be None or a dict of where each part came from.")
+        for name, kind, expected in SCALAR_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, kind) or (bool not in kind and isinstance(value, bool)):
+                raise ValueError(f"{name}={value!r} must be {expected}.")
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
             raise ValueError(f"image_size={self.image_size!r} must be a positive int (pixels of the square input).")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):

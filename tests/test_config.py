@@ -116,6 +116,16 @@ def test_default_text_config_is_paligemma_gemma_2b():
             {"image_token_id": 1},
             "image_token_id=1 equals text_config.eos_token_id; the `<image>` placeholder needs its own id.",
         ),
+        ({"prompt_prefix": 5}, "prompt_prefix=5 must be a str (the default prompt, e.g. 'caption en')."),
+        (
+            {"image_token_id": "257152"},
+            "image_token_id='257152' must be an int (the id of `<image>` in the tokenizer).",
+        ),
+        (
+            {"initializer_range": True},
+            "initializer_range=True must be a number (the std of the projector's initial weights).",
+        ),
+        ({"tie_word_embeddings": 1}, "tie_word_embeddings=1 must be a bool."),
         (
             {"vision_model_name": "vit_tiny_patch16_224"},
             "vision_model_name='vit_tiny_patch16_224' is not a CNN: its forward_features returns a tensor of shape "
