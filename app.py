@@ -231,6 +231,8 @@ class Captioner:
         generation = {"max_new_tokens": 32, "num_beams": 1, "do_sample": False}
         tiler = TileCaptioner(self.model, self.processor, generation)
         features = caption_scene(scene, tiler, model_name=self.source, seconds=MAX_SCENE_SECONDS)
+        for feature in features:  # the file's name, not where the server keeps the upload
+            feature["properties"]["scene"] = name
         folder = Path(tempfile.mkdtemp(prefix="cnngemma-scene-"))
         geojson = folder / f"{Path(name).stem}.geojson"
         geojson.write_text(json.dumps({"type": "FeatureCollection", "features": features}), encoding="utf-8")
