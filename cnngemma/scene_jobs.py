@@ -23,7 +23,6 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -347,9 +346,9 @@ class SceneReader:
         self.scene = None
 
 
-def read_batch(plan: Plan, indices: list[int], captioner, reader: SceneReader, model_name: str):
-    """One batch of tiles read: their features, in order ((key, feature) pairs, captions still None), the images to
-    caption, and the seconds it took. Tiles over `max_nodata` are not read into the batch; they get status 'nodata'."""
+def caption_batch(plan: Plan, indices: list[int], captioner, reader: SceneReader, model_name: str):
+    """The features of one batch of tiles, in order ((key, feature) pairs), and the seconds spent reading and
+    tiling. Tiles over `max_nodata` are not read into the batch; they get status 'nodata' and no caption."""
     started = time.perf_counter()
     images, features = [], []
     for index in indices:
@@ -365,31 +364,26 @@ def read_batch(plan: Plan, indices: list[int], captioner, reader: SceneReader, m
         status = "nodata" if image is None else "captioned"
         features.append((tile.key, tile_feature(scene, tile, reader.transformer, status, fraction, model_name)))
         images += [image] if image is not None else []
-    return features, images, time.perf_counter() - started
-
-
-def add_captions(features: list, images: list, captioner):
+    reading = time.perf_counter() - started
     captions = iter(captioner(images) if images else [])
     for _, feature in features:
         if feature["properties"]["status"] == "captioned":
             feature["properties"]["caption"] = next(captions)
+    return features, reading
 
 
 def run_shard(
     plan: Plan, batches: list[int], found: set[str], shard: Path, captioner_factory, model_name, show
 ) -> dict:
-    """Captions the shard's missing batches, appending one line per tile after each batch; returns counts, the
-    seconds spent reading and tiling, the seconds captioning waited for them, and the total.
-
-    The next batch is read in a thread while this one is captioned (GDAL, numpy and Pillow release the GIL), so
-    captioning waits for tiles only at the start. The thread alone touches the open scenes."""
+    """Captions the shard's missing batches, appending one line per tile after each batch; returns counts and the
+    seconds spent reading and tiling vs in total."""
     from tqdm.auto import tqdm
 
     done = done_batches(plan, found)
     todo = [number for number in batches if number not in done]
     counts = {"tiles": sum(len(plan.batches[n]) for n in batches), "captioned": 0, "nodata": 0, "reused": 0}
     counts["reused"] = counts["tiles"] - sum(len(plan.batches[n]) for n in todo)
-    timing = {"reading": 0.0, "waiting": 0.0, "total": 0.0}
+    timing = {"reading": 0.0, "total": 0.0}
     if not todo:
         return counts | timing
     captioner = captioner_factory()
@@ -397,25 +391,18 @@ def run_shard(
     total = sum(len(plan.batches[n]) for n in todo)
     progress = tqdm(total=total, desc="captioning", unit="tiles", disable=not show, file=sys.stderr)
     reader = SceneReader()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiles") as pool:
-        upcoming = pool.submit(read_batch, plan, plan.batches[todo[0]], captioner, reader, model_name)
-        with open_for_append(shard / "tiles.jsonl") as lines:
-            for following in [*todo[1:], None]:
-                waiting = time.perf_counter()
-                features, images, reading = upcoming.result()
-                timing["waiting"] += time.perf_counter() - waiting
-                timing["reading"] += reading
-                if following is not None:
-                    upcoming = pool.submit(read_batch, plan, plan.batches[following], captioner, reader, model_name)
-                add_captions(features, images, captioner)
-                for _, feature in features:
-                    counts[feature["properties"]["status"]] += 1
-                # one write per batch: a kill leaves whole batches and at most one cut line, which is ignored
-                lines.write("".join(json.dumps({"key": key, "feature": feature}) + "\n" for key, feature in features))
-                lines.flush()
-                progress.update(len(features))
-            os.fsync(lines.fileno())
-        pool.submit(reader.close).result()
+    with open_for_append(shard / "tiles.jsonl") as lines:
+        for number in todo:
+            features, reading = caption_batch(plan, plan.batches[number], captioner, reader, model_name)
+            timing["reading"] += reading
+            for _, feature in features:
+                counts[feature["properties"]["status"]] += 1
+            # one write per batch: a kill leaves whole batches and at most one cut line, which is ignored
+            lines.write("".join(json.dumps({"key": key, "feature": feature}) + "\n" for key, feature in features))
+            lines.flush()
+            progress.update(len(features))
+        os.fsync(lines.fileno())
+    reader.close()
     progress.close()
     timing["total"] = time.perf_counter() - started
     return counts | timing
@@ -437,9 +424,7 @@ def caption_scene(
         for batch in plan.batches:
             if time.monotonic() > deadline:
                 break
-            batch_features, images, _ = read_batch(plan, batch, captioner, reader, model_name)
-            add_captions(batch_features, images, captioner)
-            features += [feature for _, feature in batch_features]
+            features += [feature for _, feature in caption_batch(plan, batch, captioner, reader, model_name)[0]]
     finally:
         reader.close()
     return [numbered(number, feature) for number, feature in enumerate(features)]
@@ -603,8 +588,7 @@ def run_job(options: JobOptions, state, index: int, count: int, main: bool) -> i
         write_text_atomically(shard / "done.json", json.dumps({"batches": batches, "settings_hash": digest, **result}))
     if main:
         share = (
-            f"; reading and tiling took {result['reading']:.1f} s beside captioning, which waited for tiles "
-            f"{100 * result['waiting'] / result['total']:.1f}% of {result['total']:.1f} s"
+            f"; reading and tiling took {100 * result['reading'] / result['total']:.1f}% of {result['total']:.1f} s"
             if result["total"]
             else ""
         )
