@@ -357,7 +357,11 @@ def scene_options(args, paths: list[Path]):
     for stack in args.stack:
         members = [Path(item) for item in stack.split(",") if item]
         if len(members) < 2 or (missing := [str(m) for m in members if not m.is_file()]):
-            problem = f"no such file: {', '.join(missing)}" if len(members) >= 2 else "a single file"
+            problem = (
+                f"no such file: {', '.join(missing)}"
+                if len(members) >= 2
+                else f"it names {len(members)} file(s), a stack needs 2 or more"
+            )
             raise UsageError(
                 f"--stack {stack}: {problem}. Expected files of one grid, e.g. --stack B04.jp2,B03.jp2,B02.jp2."
             )
