@@ -266,8 +266,8 @@ def test_bad_scene_input_is_one_line(saved_model_dir, s2_files, tmp_path, capsys
     for stack, named in ((",,", 0), (f"{S2[0]},", 1)):
         assert run([*base, "--stack", stack, "--output", out], capsys) == (
             2,
-            f"error: --stack {stack}: it names {named} file(s), a stack needs 2 or more. Expected files of one grid, e.g. --stack "
-            "B04.jp2,B03.jp2,B02.jp2.\n",
+            f"error: --stack {stack}: it names {named} file(s), a stack needs 2 or more. Expected files of one grid, "
+            "e.g. --stack B04.jp2,B03.jp2,B02.jp2.\n",
         )
     code, err = run([*base, geotiff, "--bands", "red,nir,blue", "--output", out], capsys)
     assert (code, err) == (
