@@ -431,6 +431,11 @@ def test_the_merge_streams_shards_in_tile_order(tmp_path):
     with pytest.raises(scene_jobs.RunError, match=f"^{work}: tile 16 has no line; run the unfinished shards"):
         list(scene_jobs.merged_features(plan, work))
 
+    lines = work / "shard-1-of-2" / "tiles.jsonl"
+    lines.write_text("".join(json.dumps({"key": plan.tiles[n].key, "feature": {}}) + "\n" for n in (16, 17, 4)))
+    with pytest.raises(scene_jobs.RunError, match=f"^{lines}: tile 4 comes after tile 17; the shard's lines are out"):
+        list(scene_jobs.merged_features(plan, work))
+
 
 def test_a_tile_across_the_antimeridian_is_a_multipolygon(tmp_path):
     # UTM zone 60N: longitude 180 lies near x = 818 km at this latitude; the tile spans 800-832 km
