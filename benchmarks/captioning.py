@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from cnngemma.inference import compiled_generation, quantize_int8
+from cnngemma.inference import compiled_generation
+from cnngemma.int8 import quantize_int8
 
 from .common import (
     BASELINE,
@@ -107,7 +108,7 @@ def run(args, device, log=print) -> dict:
     # Every model, batch size and path compiles its own decode graph: more than dynamo's default of 8 per function.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     common = {"do_sample": False, "use_cache": True, "pad_token_id": 0, "eos_token_id": 1}
-    paths = {"eager": {}, "compiled": compiled_generation(args.backend), "int8": {}}
+    paths = {"eager": {}, "compiled": compiled_generation(args.backend, device), "int8": {}}
     results, lm_weights = [], {}
     for lm_size in args.lm_size:
         language_model = build_language_model(lm_size).to(device, dtype)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from modeling_cnngemma import (
 )
 
 from .errors import RunError, UsageError, first_line
+from .int8 import quantize_int8
 from .saving import SAVE_ID, mixed_saves, save_ids
 
 WEIGHT_FILES = (
@@ -247,36 +247,6 @@ def check_prompt(prompt: str | None, flag: str = "--prompt"):
         )
 
 
-def quantize_int8(model):
-    """Int8 weights, per output channel, in the decoder's and the head's Linear layers, with activations quantized
-    on the fly (torch's dynamic quantization); in place, CPU only, for inference, not for `save_pretrained`.
-
-        model = quantize_int8(AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True))
-    """
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    device = next(model.parameters()).device
-    if device.type != "cpu":
-        raise RunError(
-            f"quantize_int8: the model is on {device}, but int8 decoding runs on CPU only (torch's dynamic "
-            "quantization has no kernels for other devices). Move it with model.cpu() first, or do not quantize."
-        )
-    # Dynamic int8 kernels take fp32 activations: a bf16 or fp16 checkpoint (from_pretrained keeps the saved dtype)
-    # is widened first, which loses nothing.
-    model.float()
-    # The head gets its own int8 copy of the tied embedding matrix, the largest weight read at each step; the
-    # input embeddings stay fp32.
-    spec = {"model.language_model": per_channel_dynamic_qconfig, "lm_head": per_channel_dynamic_qconfig}
-    with warnings.catch_warnings():
-        # torch marks this API deprecated in favour of torchao, but torchao 0.18's dynamic int8 config on the same
-        # layers decoded the trained real model (outputs/cnngemma-real) at 193 ms per new token at batch 1 on 2 CPU
-        # cores, against 44 ms here and 106 ms in fp32 (results/real/decoding.json, 2026-12-07); importing torchao
-        # also makes transformers print torch warnings on every command. The warnings are about the API's future.
-        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
-        return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
-
-
 def prepare_for_captioning(
     source: str,
     *,
@@ -308,7 +278,7 @@ def prepare_for_captioning(
                 f"--compile: the modeling code in {source} predates compiled decoding. Re-save the model with the "
                 "current code (save_pretrained), or drop --compile."
             )
-        generation |= compiled_generation()
+        generation |= compiled_generation(device=device)
     return model, processor, generation
 
 
@@ -322,10 +292,17 @@ def caption_batch(model, processor, images, prompt, generation: dict, device, fi
     return processor.post_process_image_text_to_text(generated, input_ids=inputs["input_ids"][: len(images)])
 
 
-def compiled_generation(backend: str = "inductor") -> dict:
+def compiled_generation(backend: str = "inductor", device: str | torch.device = "cpu") -> dict:
     """`generate` arguments for the compiled path: a static KV cache, and decode steps that transformers compiles
     whole (`fullgraph=True`) on any device. The prefill, where the CNN runs, stays eager."""
-    config = CompileConfig(fullgraph=True, backend=backend)
+    if backend == "inductor" and torch.device(device).type == "cpu":
+        # Inductor's C++ wrapper calls the step's kernels without a Python function around them: on the trained
+        # real model with --quantize int8 (2 CPU cores, 9 interleaved rounds) 22.0 ms per new token against 29.5,
+        # for a first compile of 71 s against 54 s (inductor caches it for later runs). Elsewhere transformers'
+        # default, CUDA graphs ("reduce-overhead"), which cannot be combined with options.
+        config = CompileConfig(fullgraph=True, backend=backend, mode=None, options={"cpp_wrapper": True})
+    else:
+        config = CompileConfig(fullgraph=True, backend=backend)
     # transformers 5.24 auto-compiles on accelerators only unless this private flag is set (GenerationMixin.
     # _valid_auto_compile_criteria); tests/test_generation.py fails if a new version stops honouring it
     config._compile_all_devices = True

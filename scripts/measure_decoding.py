@@ -1,10 +1,14 @@
 """Caption speed of a trained CNNGemma folder on CPU, side by side: fp32 eager, int8 (torch's dynamic quantization,
-`cnngemma.inference.quantize_int8`), int8 with torchao's dynamic int8 config, and compiled static-cache decoding.
+`cnngemma.int8.quantize_int8`), int8 with torchao's dynamic int8 config, compiled static-cache decoding, and int8
+compiled (`caption.py --quantize int8 --compile`).
 
     python -m scripts.measure_decoding --model outputs/cnngemma-real --images outputs/synth/raw-2000-42-224px/resized
 
-Per path: ms per new token at batch 1 and captions/s at batch 8, greedy, the same images, in interleaved rounds
-(medians and the spread of the rounds). Test CIDEr per path comes from `python -m metrics.evaluation` (--quantize,
+Per path, greedy on the same images in interleaved rounds (medians and the spread of the rounds), with the stop
+token switched off so that every caption has exactly --new-tokens tokens:
+- ms per new token at batch 1: what one more token costs, (time for 1 + N tokens - time for 1 token) / N within a
+  round, so the prefill (the CNN and the prompt, paid once per caption) is not spread over the tokens;
+- the whole caption's latency at batch 1 (1 + N tokens), and captions/s at batch 8 (N tokens each). Test CIDEr per path comes from `python -m metrics.evaluation` (--quantize,
 --compile_generation); torchao's path is measured here only, to decide whether int8 should move to it, and needs
 `pip install torchao` (not a dependency: importing it makes transformers print torch warnings on every command).
 """
@@ -18,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from cnngemma.inference import compiled_generation, load_model, quantize_int8
+from cnngemma.inference import compiled_generation, load_model
+from cnngemma.int8 import quantize_int8
 from cnngemma.outputs import write_text_atomically
 from modeling_cnngemma import load_image
 
-PATHS = ("fp32", "int8", "int8_torchao", "compiled")
+PATHS = ("fp32", "int8", "int8_torchao", "compiled", "int8_compiled")
 
 
 def torchao_int8(model):
@@ -45,11 +50,9 @@ def build(path: str, folder: str):
     model, processor = load_model(folder)
     model.eval()
     generation = {"do_sample": False, "num_beams": 1}
-    if path == "int8":
-        model = quantize_int8(model)
-    elif path == "int8_torchao":
-        model = torchao_int8(model)
-    elif path == "compiled":
+    if path.startswith("int8"):
+        model = torchao_int8(model) if path == "int8_torchao" else quantize_int8(model)
+    if path.endswith("compiled"):
         generation |= compiled_generation()
     return model, processor, generation
 
@@ -58,7 +61,7 @@ def timed(model, processor, generation, images, new_tokens: int) -> float:
     inputs = processor(images=images)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**inputs, **generation, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        out = model.generate(**inputs, **generation, max_new_tokens=new_tokens, eos_token_id=None)
     seconds = time.perf_counter() - start
     assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
     return seconds
@@ -92,34 +95,36 @@ def main():
     for path in args.paths:
         model, processor, generation = build(path, args.model)
         start = time.perf_counter()
-        timed(model, processor, generation, images[:1], args.new_tokens)  # warm-up (compiles the compiled path)
+        timed(model, processor, generation, images[:1], 1 + args.new_tokens)  # warm-up (compiles the compiled paths)
         timed(model, processor, generation, images, args.new_tokens)
         first_call[path] = time.perf_counter() - start
         built[path] = (model, processor, generation)
-    batch1 = {path: [] for path in args.paths}
-    batch8 = {path: [] for path in args.paths}
+    per_token, latency, batch8 = ({path: [] for path in args.paths} for _ in range(3))
     for _ in range(args.rounds):
         for path in args.paths:
             model, processor, generation = built[path]
-            batch1[path].append(
-                1000 * timed(model, processor, generation, images[:1], args.new_tokens) / args.new_tokens
-            )
+            prefill = timed(model, processor, generation, images[:1], 1)
+            latency[path].append(timed(model, processor, generation, images[:1], 1 + args.new_tokens))
+            per_token[path].append(1000 * (latency[path][-1] - prefill) / args.new_tokens)
             batch8[path].append(len(images) / timed(model, processor, generation, images, args.new_tokens))
     results = {
         "model": str(args.model),
         "new_tokens": args.new_tokens,
         "threads": torch.get_num_threads(),
         "first_calls_s": first_call,
-        "ms_per_new_token_batch1": {path: summary(values) for path, values in batch1.items()},
+        "ms_per_new_token_batch1": {path: summary(values) for path, values in per_token.items()},
+        "caption_latency_s_batch1": {path: summary(values) for path, values in latency.items()},
         "captions_per_s_batch8": {path: summary(values) for path, values in batch8.items()},
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(Path(args.output), json.dumps(results, indent=1) + "\n")
     for path in args.paths:
         b1, b8 = results["ms_per_new_token_batch1"][path], results["captions_per_s_batch8"][path]
+        whole = results["caption_latency_s_batch1"][path]
         print(
-            f"{path:>13}: {b1['median']:6.1f} ms/token at batch 1 ({b1['q1']:.1f}-{b1['q3']:.1f}), "
-            f"{b8['median']:5.2f} captions/s at batch 8 ({b8['q1']:.2f}-{b8['q3']:.2f})"
+            f"{path:>13}: {b1['median']:6.1f} ms/new token at batch 1 ({b1['q1']:.1f}-{b1['q3']:.1f}), a caption of "
+            f"{1 + args.new_tokens} tokens in {whole['median']:.2f} s, {b8['median']:5.2f} captions/s at batch 8 "
+            f"({b8['q1']:.2f}-{b8['q3']:.2f})"
         )
 
 

@@ -191,31 +191,32 @@ def test_images_are_decoded_as_in_training(saved_model_dir, tiny_model, processo
 
 def test_compile_gives_the_eager_captions_with_one_graph_for_every_batch(tmp_path, saved_model_dir, capsys):
     """--compile is transformers' static cache + compiled decode steps; the last batch (1 of 2 images) is padded, so
-    the 3 batches share one graph. The backend here is dynamo's `eager` (the whole graph is still traced: a break
-    fails); test_generation.py runs inductor."""
+    the 3 batches share one graph, in fp32 and with --quantize int8 (whose int8 products are an operator dynamo can
+    call). The backend here is dynamo's `eager` (the whole graph is still traced: a break fails); test_generation.py
+    runs inductor, and scripts/measure_decoding.py inductor with int8 on the real model."""
     import torch
     from torch._dynamo.utils import counters
+
+    from cnngemma import inference
 
     folder = tmp_path / "scenes"
     folder.mkdir()
     for index, image in enumerate(random_images(5, seed=31)):
         image.save(folder / f"{index}.png")
     argv = ["--model", str(saved_model_dir), "--format", "jsonl", "--batch-size", "2", "--max-new-tokens", "6"]
-    assert caption_cli.main([*argv, str(folder)]) == 0
-    eager = capsys.readouterr().out
-
-    from cnngemma import inference
-
     real = inference.compiled_generation
-    inference.compiled_generation = lambda: real(backend="eager")
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        assert caption_cli.main([*argv, "--compile", str(folder)]) == 0
-    finally:
-        inference.compiled_generation = real
-    assert capsys.readouterr().out == eager and len(eager.splitlines()) == 5
-    assert counters["stats"]["unique_graphs"] == 1
+    for extra in ([], ["--quantize", "int8"]):
+        assert caption_cli.main([*argv, *extra, str(folder)]) == 0
+        eager = capsys.readouterr().out
+        inference.compiled_generation = lambda device: real("eager", device)
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            assert caption_cli.main([*argv, *extra, "--compile", str(folder)]) == 0
+        finally:
+            inference.compiled_generation = real
+        assert capsys.readouterr().out == eager and len(eager.splitlines()) == 5
+        assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_compile_refuses_old_modeling_code_and_beam_search(tmp_path, saved_model_dir, capsys):
@@ -235,4 +236,6 @@ def test_compile_refuses_old_modeling_code_and_beam_search(tmp_path, saved_model
     with pytest.raises(SystemExit) as exit_info:
         caption_cli.main(["--model", str(saved_model_dir), "--compile", "--num-beams", "3", str(image)])
     assert exit_info.value.code == 2
-    assert "--compile goes with greedy fp32 decoding only; drop --quantize and --num-beams" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith(
+        "error: --compile goes with greedy decoding only, got --num-beams 3. Drop one of them.\n"
+    )

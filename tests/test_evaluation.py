@@ -105,7 +105,9 @@ def test_compile_generation_scores_the_same_captions(tmp_path, demo_dataset, sav
 
     from cnngemma import inference
 
-    monkeypatch.setattr(evaluation, "compiled_generation", lambda: inference.compiled_generation(backend="eager"))
+    monkeypatch.setattr(
+        evaluation, "compiled_generation", lambda device: inference.compiled_generation("eager", device)
+    )
     counters.clear()
     argv = ["--model", str(saved_model_dir), "--dataset", str(demo_dataset), "--split", "validation"]
     argv += ["--max_new_tokens", "6", "--eval_batch_size", "4"]
