@@ -110,7 +110,7 @@ def test_compile_generation_scores_the_same_captions(tmp_path, demo_dataset, sav
     )
     counters.clear()
     argv = ["--model", str(saved_model_dir), "--dataset", str(demo_dataset), "--split", "validation"]
-    argv += ["--max_new_tokens", "6", "--eval_batch_size", "4"]
+    argv += ["--max_new_tokens", "6", "--eval_batch_size", "2"]
     predictions = []
     for extra in ([], ["--compile_generation"]):
         out = tmp_path / f"eval{len(extra)}"
@@ -118,4 +118,5 @@ def test_compile_generation_scores_the_same_captions(tmp_path, demo_dataset, sav
         predictions.append((out / "predictions.jsonl").read_text())
     images = set(load_from_disk(str(demo_dataset))["validation"]["image_id"])
     assert predictions[0] == predictions[1] and predictions[0].count("\n") == len(images) > 1
-    assert counters["stats"]["unique_graphs"] >= 1  # the second run's decode steps were compiled
+    assert len(images) % 2  # a short last batch, filled up so that the decode step compiles once
+    assert counters["stats"]["unique_graphs"] == 1
