@@ -3,9 +3,10 @@ Linear layers, behind an operator that `torch.compile` can call, so `--quantize 
 step around the int8 matrix products.
 
 Why torch's dynamic quantization and not torchao: torchao 0.18's dynamic int8 config on the same layers decoded the
-trained real model (outputs/cnngemma-real) at 193 ms per new token at batch 1 on 2 CPU cores, against 44 ms here and
-106 ms in fp32 (results/real/decoding.json, 2026-12-07), and importing torchao makes transformers print torch
-warnings on every command. Torch marks the API deprecated; the warnings it prints are about that future.
+trained real model (outputs/cnngemma-real) at 193 ms per new token at batch 1 on 2 CPU cores, against 44 ms with
+torch's and 106 ms in fp32 (a 20-token caption / 20, 2026-12-07; results/real/README.md), and importing torchao makes
+transformers print torch warnings on every command. Torch marks the API deprecated; the warnings it prints are about
+that future.
 """
 
 from __future__ import annotations
