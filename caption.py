@@ -5,8 +5,8 @@
 Unreadable images get an error line naming the file; the rest are captioned and the exit code is 1 at the end.
 Folders are searched for image files; other files there are skipped and counted. Images are decoded by
 `load_image`, as in training. `--quantize int8` decodes faster on CPU, with captions that may differ
-(`cnngemma.int8`); `--compile` runs transformers' compiled static-cache decoding (`compiled_generation`), with the same
-captions in fp32, and goes with `--quantize int8` too.
+(`cnngemma.int8`); `--compile` runs transformers' compiled static-cache decoding (`compiled_generation`), with the
+same captions in fp32, and goes with `--quantize int8` too.
 
 Whole scenes (a georeferenced raster, or any raster with --tile) are captioned tile by tile into GeoJSON, resumably and
 in shards (`cnngemma.scene_jobs`):

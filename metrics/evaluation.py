@@ -100,8 +100,8 @@ def add_generation_arguments(group):
         "--compile_generation",
         action="store_true",
         help="Greedy captions on caption.py --compile's path (static cache, compiled decode steps; with --quantize "
-        "int8 too): in fp32 the same captions, after a one-off compile per batch size. Off by default: on CPU a new token "
-        "is 12%% faster in fp32 and 38%% in int8 after 1.5-2 minutes' compile; not yet measured on GPU.",
+        "int8 too): in fp32 the same captions, after a one-off compile per batch size. Off by default: on CPU a new "
+        "token is 12%% faster in fp32 and 38%% in int8 after 1.5-2 minutes' compile; not yet measured on GPU.",
     )
 
 

@@ -8,9 +8,10 @@ Per path, greedy on the same images in interleaved rounds (medians and the sprea
 token switched off so that every caption has exactly --new-tokens tokens:
 - ms per new token at batch 1: what one more token costs, (time for 1 + N tokens - time for 1 token) / N within a
   round, so the prefill (the CNN and the prompt, paid once per caption) is not spread over the tokens;
-- the whole caption's latency at batch 1 (1 + N tokens), and captions/s at batch 8 (N tokens each). Test CIDEr per path comes from `python -m metrics.evaluation` (--quantize,
---compile_generation); torchao's path is measured here only, to decide whether int8 should move to it, and needs
-`pip install torchao` (not a dependency: importing it makes transformers print torch warnings on every command).
+- the whole caption's latency at batch 1 (1 + N tokens), and captions/s at batch 8 (N tokens each).
+Test CIDEr per path comes from `python -m metrics.evaluation` (--quantize, --compile_generation); torchao's path is
+measured here only, to decide whether int8 should move to it, and needs `pip install torchao` (not a dependency:
+importing it makes transformers print torch warnings on every command).
 """
 
 import argparse
