@@ -73,7 +73,7 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "q1": q[0], "q3": q[2], "runs": len(values)}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="A trained CNNGemma folder.")
     parser.add_argument("--images", required=True, help="A folder of test images.")
@@ -88,7 +88,12 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=20, help="Tokens generated per caption.")
     parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds per path.")
     parser.add_argument("--output", default="results/real/decoding.json", help="The JSON to write.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("new_tokens", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if not Path(args.images).is_dir() or not any(Path(args.images).glob("*.jpg")):
+        parser.error(f"--images {args.images}: expected a folder of .jpg test images, found none there.")
     torch.manual_seed(0)
     files = sorted(Path(args.images).glob("*.jpg"))[:8]
     images = [load_image(path) for path in files]

@@ -140,3 +140,19 @@ def test_int8_linear_keeps_each_tokens_precision_compiles_to_the_same_numbers_an
     del wrapped, compiled
     gc.collect()
     assert handle not in int8._PACKED
+
+
+def test_measure_decoding_refuses_a_folder_without_images_and_zero_rounds(tmp_path, capsys):
+    """Checked before any model is loaded, in one line each."""
+    from scripts import measure_decoding
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    for extra, message in (
+        ([], f"--images {tmp_path}: expected a folder of .jpg test images, found none there."),
+        (["--rounds", "0"], "--rounds must be >= 1, got 0."),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            measure_decoding.main(["--model", str(tmp_path / "none"), "--images", str(tmp_path), *extra])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.endswith(f"error: {message}\n")
+    assert (tmp_path / "notes.txt").read_text() == "not an image"
