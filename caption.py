@@ -73,6 +73,13 @@ def parse_args(argv=None):
         help="int8: int8 weights in the decoder and its head, CPU only; faster, captions may differ (default: none).",
     )
     parser.add_argument(
+        "--adapter-base",
+        choices=("trained", "4bit", "full"),
+        default="trained",
+        help="An adapter folder's base decoder (train_hf.py --save adapter): in 4-bit NF4 (bitsandbytes), in full "
+        "precision with the adapters merged, or as it trained (default).",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="Static KV cache and compiled decode steps, greedy only. After a one-off compile (1.5-2 minutes per "
@@ -257,6 +264,7 @@ def caption_images(args) -> int:
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
         prompt=args.prompt,
+        adapter_base=args.adapter_base,
     )
     # compiled decoding keeps one graph per batch size: the last, smaller batch is padded with copies of an image
     fixed_batch = min(args.batch_size, len(paths)) if args.compile else 0
@@ -380,6 +388,7 @@ def scene_options(args, paths: list[Path]):
         num_beams=args.num_beams,
         quantize=args.quantize,
         compile=args.compile,
+        adapter_base=args.adapter_base,
         device=args.device,
         shard=shard,
         image_size=image_size,

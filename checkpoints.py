@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from cnngemma import outputs, saving
+from cnngemma import adapters, outputs, saving
 from cnngemma.backbones import notice_files
 from cnngemma.errors import RunError, UsageError
 
@@ -29,6 +29,7 @@ OVERWRITE_PREFIX = ".overwrite-"
 # which such a folder (config.json + train_args.json, no record) is recognised as an earlier run once.
 MODEL_FILES = (
     *("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "adapter_config.json"),
+    adapters.ADAPTER_FILE,
     *("processor_config.json", "preprocessor_config.json", "tokenizer*.json", "special_tokens_map.json"),
     *("chat_template.jinja", "*_cnngemma.py", "NOTICE.md", "GEMMA_TERMS.html"),
 )
@@ -374,10 +375,40 @@ def delete(folder: Path):
     shutil.rmtree(doomed)
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> dict:
-    """load_state from a checkpoint that check_checkpoint passed; returns its training_state.json."""
+def keep_trainable_only(accelerator, model):
+    """Checkpoints of a 4-bit run hold the trainable tensors only (adapters, CNN, projector): resume rebuilds the
+    frozen base from --language_model, and a Linear4bit's state dict would not load back through load_state_dict.
+    The buffers of trained modules (the CNN's BatchNorm statistics) count as trainable."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if any(param.requires_grad for param in module.parameters(recurse=False)):
+            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            names |= {f"{prefix}.{name}" if prefix else name for name, _ in tensors}
+
+    def trainable_only(models, weights, output_dir):
+        for state in weights:
+            for key in [key for key in state if key not in names]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(trainable_only)
+    return names
+
+
+def load_checkpoint(accelerator, checkpoint: Path, trainable: set[str] | None = None) -> dict:
+    """load_state from a checkpoint that check_checkpoint passed; returns its training_state.json. With `trainable`
+    (a 4-bit run), the checkpoint's model file must hold exactly those tensors; the rest of the model is the base."""
     try:
-        accelerator.load_state(str(checkpoint))
+        if trainable is not None:
+            with safe_open(checkpoint / "model.safetensors", "pt") as file:
+                saved = set(file.keys())
+            if saved != trainable:
+                raise ValueError(
+                    f"its model file holds {len(saved)} tensors, this run trains {len(trainable)} "
+                    f"({len(saved - trainable)} unknown, {len(trainable - saved)} missing)"
+                )
+            accelerator.load_state(str(checkpoint), strict=False)
+        else:
+            accelerator.load_state(str(checkpoint))
     except (RuntimeError, ValueError, KeyError, OSError) as error:  # whole, readable files written by other flags
         detail = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
         raise RunError(
@@ -386,17 +417,21 @@ def load_checkpoint(accelerator, checkpoint: Path) -> dict:
     return json.loads((checkpoint / "training_state.json").read_text())
 
 
-def save_final_model(accelerator, model, processor, run: RunFolder):
+def save_final_model(accelerator, model, processor, run: RunFolder, adapter_in_4bit: bool | None = None):
     """save_pretrained (model and processor) into a staging folder of this run, stamped with a new save id, then
     renamed into the run folder weights first and config.json last (`cnngemma.saving`): a run that dies while
     writing keeps its previous model, and readers never load half of each. A previous model file that the new save
-    lacks (e.g. adapter files before a merged save) is deleted only if the run's record verifies it."""
+    lacks (e.g. adapter files before a merged save) is deleted only if the run's record verifies it. With
+    `adapter_in_4bit` set, `model` is a PeftModel saved as an adapter folder (`cnngemma.adapters`)."""
     staging = run.run_dir / f".partial-{run.run_id}-final"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        model.save_pretrained(staging, save_function=accelerator.save, is_main_process=accelerator.is_main_process)
+        if adapter_in_4bit is None:
+            model.save_pretrained(staging, save_function=accelerator.save, is_main_process=accelerator.is_main_process)
+        else:
+            adapters.save_adapter(model, staging, adapter_in_4bit, accelerator.save, accelerator.is_main_process)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             processor.save_pretrained(staging)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
 import checkpoints
+from cnngemma import adapters
 from cnngemma.backbones import from_backbones
 from cnngemma.errors import RunError, UsageError, check_ranges, first_line, path_type, run_command, seed_type
 from cnngemma.inference import check_generation_length, load_model
@@ -121,9 +122,17 @@ def parse_args(argv=None):
         "--lora_target_modules", default=DEFAULT_LORA_TARGETS, help="Regex of the decoder modules to adapt with LoRA."
     )
     train.add_argument(
-        "--save_adapter_only",
+        "--load_in_4bit",
         action="store_true",
-        help="With LoRA, save only the adapter (default: merge it into the saved model).",
+        help="QLoRA: the --language_model decoder in 4-bit NF4 (bitsandbytes), frozen, with LoRA adapters; the CNN "
+        "and projector stay in full precision.",
+    )
+    train.add_argument(
+        "--save",
+        choices=("merged", "adapter"),
+        help="With LoRA: 'merged' writes the whole model, 'adapter' the adapters, CNN and projector with the base named "
+        "(a Hub id or a .gguf package and sha256). Default: adapter with --load_in_4bit (merging into 4 bits is "
+        "lossy; a merged save reloads the base in full precision), else merged.",
     )
 
     optim = parser.add_argument_group("optimisation")
@@ -225,8 +234,7 @@ def check_flags(args):
             f"--report_to {args.report_to!r}: unknown tracker(s) {', '.join(unknown)}. Expected a comma-separated "
             f"list of {', '.join(TRACKERS)}, or all, or none."
         )
-    if args.save_adapter_only and args.lora_r == 0:
-        raise UsageError("--save_adapter_only needs LoRA: set --lora_r > 0.")
+    check_qlora_flags(args)
     for name in NEW_MODEL_FLAGS if args.model else ():
         if getattr(args, name) is not None:
             raise UsageError(
@@ -255,6 +263,35 @@ def check_flags(args):
             raise UsageError(str(error)) from error
     if vision_file is not None:
         check_weights_file(Path(vision_file), "--vision_pretrained")
+
+
+def check_qlora_flags(args):
+    """--load_in_4bit and --save: what they need, before anything loads."""
+    if args.save is not None and args.lora_r == 0:
+        raise UsageError(f"--save {args.save} needs LoRA: set --lora_r > 0, or drop --save.")
+    if args.load_in_4bit:
+        if args.lora_r == 0:
+            raise UsageError(
+                "--load_in_4bit needs LoRA: the 4-bit decoder stays frozen and only adapters train on it. Add --lora_r "
+                "16 (or another rank)."
+            )
+        if args.model or args.language_model is None:
+            got = f"--model {args.model}" if args.model else "a random decoder (no --language_model)"
+            raise UsageError(
+                f"--load_in_4bit quantizes the pretrained decoder of --language_model, but got {got}. Pass "
+                "--language_model (a Gemma checkpoint, Hub id or .gguf file)."
+            )
+        if args.train_language_model:
+            raise UsageError("--load_in_4bit keeps the decoder frozen; drop --train_language_model (LoRA trains it).")
+        adapters.require_bitsandbytes("--load_in_4bit")
+    args.save = args.save or ("adapter" if args.load_in_4bit else "merged")
+    if args.lora_r and args.save == "adapter" and args.language_model is None:
+        raise UsageError("--save adapter needs a pretrained --language_model to name as its base. Pass --save merged.")
+    if args.lora_r and args.save == "adapter" and Path(args.language_model).is_dir():
+        raise UsageError(
+            f"--save adapter names the base decoder for others to find (a Hub id or a .gguf file), but "
+            f"--language_model {args.language_model} is a local folder. Pass --save merged."
+        )
 
 
 def check_weights_file(path: Path, flag: str):
@@ -310,7 +347,7 @@ def train(args, run: checkpoints.RunFolder | None):
     test = evaluation.group_by_image(dataset[test_split])
 
     set_seed(args.seed)
-    model, processor = build_model_and_processor(args, train_pairs["caption"])
+    model, processor = build_model_and_processor(args, train_pairs["caption"], accelerator.device)
     positions = model.config.text_config.max_position_embeddings
     cuts = caption_cuts(train_pairs["caption"], processor, positions, args.max_caption_tokens, log)
     if not args.no_eval:
@@ -338,6 +375,7 @@ def train(args, run: checkpoints.RunFolder | None):
     )
     optimizer = torch.optim.AdamW(param_groups(model, args), weight_decay=args.weight_decay)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    trainable = checkpoints.keep_trainable_only(accelerator, model) if args.load_in_4bit else None
     # The schedule needs the steps per epoch of this process's shard, known once the loader is prepared.
     updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     max_steps = args.max_steps or args.num_epochs * updates_per_epoch
@@ -364,7 +402,7 @@ def train(args, run: checkpoints.RunFolder | None):
     accelerator.init_trackers("cnngemma", config=config)
     global_step, start_epoch, skip_batches, history, loss_history = 0, 0, 0, [], []
     if run.resume is not None:
-        checkpoints.load_checkpoint(accelerator, run.resume)
+        checkpoints.load_checkpoint(accelerator, run.resume, trainable)
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
         history, loss_history = state["history"], [tuple(x) for x in state["loss_history"]]
         if changes:
@@ -543,7 +581,7 @@ def make_accelerator(args, run: checkpoints.RunFolder | None) -> Accelerator:
     return accelerator
 
 
-def build_model_and_processor(args, train_captions):
+def build_model_and_processor(args, train_captions, device):
     if args.model:  # this repository's classes, not the folder's remote code: the code that trains is the code saved
         # float32 master weights whatever the saved dtype (--mixed_precision autocasts)
         return load_model(args.model, remote_code=False, dtype=torch.float32)
@@ -572,9 +610,11 @@ def build_model_and_processor(args, train_captions):
             )
     vision = args.vision_pretrained
     vision = True if vision == "imagenet" else (vision or False)
+    loading = {"quantization_config": adapters.nf4_config(device)} if args.load_in_4bit else {}
+    loading |= {"device_map": {"": device}} if args.load_in_4bit and device.type != "cpu" else {}
     try:
         model, tokenizer = from_backbones(
-            config, language_model=args.language_model, vision_pretrained=vision, tokenizer=tokenizer
+            config, language_model=args.language_model, vision_pretrained=vision, tokenizer=tokenizer, **loading
         )
     except (OSError, ValueError, ImportError) as error:
         raise UsageError(str(error)) from None
@@ -596,10 +636,12 @@ def read_config(path, flag: str) -> CNNGemmaConfig:
 def apply_training_policy(model, args):
     """Sets what trains (report: CNN + projector, pretrained LM frozen) and wraps LoRA adapters when asked."""
     train_lm = args.language_model is None or args.train_language_model
+    if args.load_in_4bit:  # peft freezes every part (and sets up checkpointing); the CNN and projector train again
+        model = adapters.prepare_kbit_training(model, args.gradient_checkpointing)
     model.set_trainable(
         vision_tower=not args.freeze_vision, multi_modal_projector=True, language_model=train_lm and args.lora_r == 0
     )
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing and not args.load_in_4bit:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r == 0:
         return model
@@ -616,7 +658,7 @@ def apply_training_policy(model, args):
             f"--lora_r {args.lora_r} is larger than the narrowest adapted layer ({min(widths)} features): a rank "
             f"above a layer's width adds no capacity, only cost. Pass --lora_r {min(widths)} or less."
         )
-    to_save = ["multi_modal_projector"] + ([] if args.freeze_vision else ["vision_tower"])
+    to_save = ["multi_modal_projector", "vision_tower"]  # saved with the adapters, so the folder needs only the base
     lora = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -625,9 +667,15 @@ def apply_training_policy(model, args):
         modules_to_save=to_save,
     )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as error:  # peft: a matched module of a type LoRA cannot adapt
         raise UsageError(f"--lora_target_modules {args.lora_target_modules!r}: {first_line(error)}") from None
+    model.base_model.model.set_trainable(  # modules_to_save copies train; a frozen CNN stays frozen (and in eval)
+        vision_tower=not args.freeze_vision, multi_modal_projector=True, language_model=False
+    )
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name or (param.requires_grad and "modules_to_save" in name))
+    return model
 
 
 def param_groups(model, args):
@@ -659,9 +707,13 @@ def augment(pixel_values, generator):
 
 def save_final_model(accelerator, model, processor, args, run: checkpoints.RunFolder):
     unwrapped = accelerator.unwrap_model(model)
-    if args.lora_r and not args.save_adapter_only:
+    if args.lora_r and args.save == "adapter":
+        checkpoints.save_final_model(accelerator, unwrapped, processor, run, adapter_in_4bit=args.load_in_4bit)
+        return
+    if args.load_in_4bit:
+        unwrapped = adapters.merged_copy(unwrapped, args.language_model)
+    elif args.lora_r:
         unwrapped = unwrapped.merge_and_unload()  # a plain CNNGemma again, loadable without peft
-    # with --save_adapter_only this is PeftModel.save_pretrained: adapter_config.json + adapter weights
     checkpoints.save_final_model(accelerator, unwrapped, processor, run)
 
 

@@ -9,6 +9,8 @@
 #   e2e_2b_b32    the same at batch 32            (these three steps: the 12 cells that count, 510 s at most)
 #   e2e_2b_b1     the same at batch 1
 #   e2e_270m_b256 e2e_270m_b32 e2e_270m_b1   the same with Gemma 3 270M (a second command, as time allows)
+#   qlora_2b      training: QLoRA (NF4 decoder, bnb) against bf16 LoRA, Gemma-2B shape, batch 8: peak GPU memory and
+#                 steps/s (benchmarks/qlora.py; a second command: bash benchmarks/run_gpu.sh qlora_2b, 180 s at most)
 #   e2e_rest      Gemma-2B, the other three variants and the baseline, batches 32/256 (not run by default)
 #   fp32 bf16 bf16_b256 compile_b32 compile_b256   the earlier encoder/all runs (not run by default)
 # After each step the results so far are packed into $ARCHIVE (default $RESULTS.tgz), so a stopped run keeps them.
@@ -26,11 +28,11 @@ fi
 ARCHIVE=${ARCHIVE:-$RESULTS.tgz}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-STEPS="e2e_2b_b256 e2e_2b_b32 e2e_2b_b1 e2e_270m_b256 e2e_270m_b32 e2e_270m_b1 e2e_rest fp32 bf16 bf16_b256 compile_b32 compile_b256"
+STEPS="e2e_2b_b256 e2e_2b_b32 e2e_2b_b1 qlora_2b e2e_270m_b256 e2e_270m_b32 e2e_270m_b1 e2e_rest fp32 bf16 bf16_b256 compile_b32 compile_b256"
 E2E="captioning --dtype bf16 --paths eager compiled --caption-rounds 5"
 PAIR="--models mobilenet_single paligemma_so400m"
 declare -A LIMIT=([e2e_2b_b256]=220 [e2e_2b_b32]=160 [e2e_2b_b1]=130 [e2e_270m_b256]=180 [e2e_270m_b32]=140
-    [e2e_270m_b1]=120 [e2e_rest]=300
+    [e2e_270m_b1]=120 [e2e_rest]=300 [qlora_2b]=180
     [fp32]=150 [bf16]=300 [bf16_b256]=150 [compile_b32]=330 [compile_b256]=300)
 declare -A ARGS=(
     [e2e_2b_b256]="$E2E --lm-size 2b $PAIR --caption-batch-sizes 256"
@@ -41,6 +43,7 @@ declare -A ARGS=(
     [e2e_270m_b1]="$E2E --lm-size 270m $PAIR --caption-batch-sizes 1"
     [e2e_rest]="$E2E --lm-size 2b --models mobilenet_multi efficientnet_single efficientnet_multi paligemma_so400m \
 --caption-batch-sizes 32 256"
+    [qlora_2b]="--lm-size 2b --batch-size 8 --steps 10"
     [fp32]="encoders --dtype fp32 --batch-size 32"
     [bf16]="all --dtype bf16 --batch-size 32"
     [bf16_b256]="encoders --dtype bf16 --batch-size 256"
@@ -66,10 +69,12 @@ mkdir -p "$RESULTS"
 } 2>&1 | tee "$RESULTS/machine.txt"
 
 for step in "${steps[@]}"; do
-    echo "=== $step: python -m benchmarks ${ARGS[$step]} (limit ${LIMIT[$step]} s)"
+    module=benchmarks
+    [[ $step == qlora_* ]] && module=benchmarks.qlora
+    echo "=== $step: python -m $module ${ARGS[$step]} (limit ${LIMIT[$step]} s)"
     start=$SECONDS
     # shellcheck disable=SC2086
-    timeout -k 5 "${LIMIT[$step]}" "$PYTHON" -m benchmarks ${ARGS[$step]} ${EXTRA:-} --output-dir "$RESULTS" --tag "gpu_$step" \
+    timeout -k 5 "${LIMIT[$step]}" "$PYTHON" -m $module ${ARGS[$step]} ${EXTRA:-} --output-dir "$RESULTS" --tag "gpu_$step" \
         2>&1 | tee "$RESULTS/gpu_$step.log"
     echo "=== $step: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$RESULTS/gpu_$step.log"
     tar czf "$ARCHIVE" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"

@@ -150,7 +150,10 @@ def from_backbones(
 
     if tokenizer is not None and len(tokenizer) > model.config.text_config.vocab_size:
         old = model.config.text_config.vocab_size
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():  # the new rows at the old rows' mean, without noise: a base rebuilds the same each time
+            embeddings = model.get_input_embeddings().weight
+            embeddings[old:] = embeddings[:old].mean(0)
         logger.warning(f"Resized the token embeddings from {old} to {len(tokenizer)} to fit {IMAGE_TOKEN}.")
     if tokenizer is not None and model.config.image_token_id != tokenizer.convert_tokens_to_ids(IMAGE_TOKEN):
         raise ValueError(

@@ -19,6 +19,7 @@ from modeling_cnngemma import (
     check_source,
 )
 
+from . import adapters
 from .errors import RunError, UsageError, first_line
 from .int8 import quantize_int8
 from .saving import SAVE_ID, mixed_saves, save_ids
@@ -103,12 +104,19 @@ def load_model(
     remote_code: bool = True,
     dtype=None,
     flag: str = "--model",
+    adapter_base: str = "trained",
+    device: str = "cpu",
 ):
     """The model (eval mode, on CPU) and its processor from a folder or a Hub id; every failure is one RunError line.
 
     `remote_code=False` builds both with this repository's classes instead of the folder's code (training code must
     be the code that saves). A local folder is read twice if a writer replaced it meanwhile; files from two saves are
-    refused."""
+    refused. An adapter folder (`cnngemma.adapters`) is rebuilt on its base, which `adapter_base` puts in 4-bit
+    ('4bit', on `device`), full precision with the adapters merged ('full'), or as it trained ('trained')."""
+    if adapters.is_adapter_folder(source):
+        check_source(source, flag)
+        four_bit = {"trained": None, "4bit": True, "full": False}[adapter_base]
+        return adapters.load_adapter(source, load_in_4bit=four_bit, device=device, flag=flag)
     check_model_source(source, flag)
     local = Path(source).exists()
     for attempt in range(2):
@@ -151,12 +159,7 @@ def _from_pretrained(source, revision, remote_code, dtype, flag):
             processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=True)
         else:
             model, info = CNNGemmaForConditionalGeneration.from_pretrained(source, **kwargs)
-            # AutoTokenizer would read the folder's auto_map and ask to run its remote code
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(source, revision=revision)
-            image_processor = CNNGemmaImageProcessor.from_pretrained(source, revision=revision)
-            processor = CNNGemmaProcessor(
-                image_processor, tokenizer, model.config.num_image_tokens, model.config.prompt_prefix
-            )
+            processor = repo_processor(source, model.config, revision)
     except LOAD_ERRORS as error:
         raise RunError(
             f"{flag} {source}: cannot load it ({type(error).__name__}: {first_line(error)}). {_fix(source)}"
@@ -183,6 +186,14 @@ def _from_pretrained(source, revision, remote_code, dtype, flag):
             f"would caption with random weights. {_fix(source)}"
         )
     return model, processor
+
+
+def repo_processor(source, config, revision: str | None = None) -> CNNGemmaProcessor:
+    """The processor of a folder, built with this repository's classes (AutoTokenizer would read the folder's auto_map
+    and ask to run its remote code)."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(source, revision=revision)
+    image_processor = CNNGemmaImageProcessor.from_pretrained(source, revision=revision)
+    return CNNGemmaProcessor(image_processor, tokenizer, config.num_image_tokens, config.prompt_prefix)
 
 
 def _fix(source: str) -> str:
@@ -257,10 +268,16 @@ def prepare_for_captioning(
     max_new_tokens: int,
     num_beams: int,
     prompt: str | None,
+    adapter_base: str = "trained",
 ):
     """The model on `device`, its processor and the `generate` arguments for caption.py's flags (images and scenes):
     checked against the decoder's length, then int8 or compiled as asked. Each failure is one RunError line."""
-    model, processor = load_model(source, revision=revision)
+    model, processor = load_model(source, revision=revision, adapter_base=adapter_base, device=device)
+    if getattr(model, "is_loaded_in_4bit", False) and (quantize == "int8" or compile):
+        raise RunError(
+            f"{'--quantize int8' if quantize == 'int8' else '--compile'} needs the base decoder in full precision, but "
+            f"{source} loads it in 4-bit. Add --adapter-base full (the adapters merged into the base)."
+        )
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError, ValueError) as error:  # torch: unknown device, or no CUDA in this build

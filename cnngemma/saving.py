@@ -117,3 +117,29 @@ def move_into_place(staging: Path, folder: Path) -> list[str]:
         os.replace(staging / name, folder / name)
     staging.rmdir()
     return names
+
+
+def write_model_folder(model, processor, output: Path, card: str | None = None):
+    """Saves a model and its processor as a new folder: refused if `output` holds anything; written beside it and
+    renamed into place whole, so an interrupted save leaves no folder that looks complete."""
+    from .backbones import notice_files
+
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        from .errors import UsageError
+
+        raise UsageError(f"{output} already exists and is not an empty folder; pass a new folder.")
+    staging = output.with_name(f".{output.name}.partial-{new_save_id()[:8]}")
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if card is not None:
+            (staging / "README.md").write_text(card, encoding="utf-8")
+        for path in notice_files(model.config):  # the licence files the decoder's weights come with
+            shutil.copyfile(path, staging / path.name)
+        stamp(staging, new_save_id())
+        if output.exists():
+            output.rmdir()
+        os.rename(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -56,6 +56,7 @@ class JobOptions:
     num_beams: int = 1
     quantize: str = "none"
     compile: bool = False
+    adapter_base: str = "trained"  # an adapter folder's base: as trained, 4bit or full
     device: str | None = None
     shard: tuple[int, int] | None = None  # (index, count) without a launcher
     image_size: int = 224  # the model's input side, for the ground-resolution check
@@ -119,6 +120,8 @@ def job_settings(options: JobOptions) -> dict:
         "quantize": options.quantize,
         "compile": options.compile,
     }
+    if options.adapter_base != "trained":  # absent otherwise: jobs started before the flag keep their hash
+        settings["adapter_base"] = options.adapter_base
     return json.loads(json.dumps(settings))  # tuples as lists, as job.json gives them back
 
 
@@ -300,6 +303,7 @@ class Captioner:
             max_new_tokens=options.max_new_tokens,
             num_beams=options.num_beams,
             prompt=options.prompt,
+            adapter_base=options.adapter_base,
         )
         return cls(model, processor, generation, options.prompt, options.batch_size if options.compile else 0)
 

