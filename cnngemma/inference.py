@@ -56,6 +56,8 @@ def check_model_folder(model: str, flag: str = "--model") -> None:
         raise RunError(
             f"{flag} {model} is a file; pass the folder that holds config.json (e.g. {flag} {folder.parent})."
         )
+    if adapters.is_adapter_folder(folder):  # loaded onto its base by cnngemma.adapters
+        return
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise RunError(
             f"{flag} {model} holds a LoRA adapter (adapter_config.json) without its base model's weights. Merge it "

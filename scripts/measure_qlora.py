@@ -65,11 +65,11 @@ def decoder_bytes(model) -> dict:
     and its Linear layers alone, against their fp32 size."""
     decoder = model.base_model.model.model.language_model
     state = decoder.state_dict()
-    linear = [m for m in decoder.modules() if type(m).__name__ in ("Linear", "Linear4bit") and hasattr(m, "in_features")]
-    linear_fp32 = sum(m.in_features * m.out_features * 4 for m in linear)
-    prefixes = [name for name, m in decoder.named_modules() if m in set(linear)]
+    # the decoder's own Linear layers (bitsandbytes' Linear4bit is one); not peft's wrappers or its lora_A/lora_B
+    linear = {name: m for name, m in decoder.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name}
+    linear_fp32 = sum(m.in_features * m.out_features * 4 for m in linear.values())
+    prefixes = list(linear)
     linear_now = tensor_bytes(t for key, t in state.items() if any(key.startswith(p + ".") for p in prefixes))
-    linear_now -= tensor_bytes(t for key, t in state.items() if "lora_" in key)
     whole = tensor_bytes(t for key, t in state.items() if "lora_" not in key)
     return {"linear_bytes": linear_now, "linear_fp32_bytes": linear_fp32, "decoder_bytes": whole}
 
