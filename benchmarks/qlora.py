@@ -43,7 +43,9 @@ def measure(folder: Path, four_bit: bool, args, device: torch.device) -> dict:
     model.model.multi_modal_projector.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    batch = _batch(model, args.batch_size, args.caption_tokens, language_model.config.vocab_size, device, torch.float32)
+    batch = _batch(
+        model, args.batch_size, args.caption_tokens, language_model.config.vocab_size, device, torch.float32
+    )
     step = _step_fn(model, batch, optimizer, args.caption_tokens)
     step()  # warm-up: kernels and the AdamW state
     synchronize(device)

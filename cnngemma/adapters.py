@@ -78,7 +78,11 @@ def resolve_base(base: dict) -> str:
         return str(folder)
     package = base.get("package", "")
     module = package.split("==")[0].replace("-", "_")
-    if module and importlib.util.find_spec(module) is not None and hasattr(importlib.import_module(module), "assemble"):
+    if (
+        module
+        and importlib.util.find_spec(module) is not None
+        and hasattr(importlib.import_module(module), "assemble")
+    ):
         path = importlib.import_module(module).assemble()
         if file_sha256(path) == base["sha256"]:
             return str(dequantize_gguf(path))

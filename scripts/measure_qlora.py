@@ -90,12 +90,16 @@ def memory(language_model: str, four_bit: bool, steps: int) -> dict:
         optimizer.zero_grad()
         seconds.append(time.perf_counter() - tick)
         losses.append(loss.item())
-    return loaded | decoder_bytes(model) | {
-        "peak_rss_training_mb": peak_rss_mb(),
-        "seconds_per_step": statistics.median(seconds[1:] or seconds),
-        "seconds_per_step_all": seconds,
-        "losses": losses,
-    }
+    return (
+        loaded
+        | decoder_bytes(model)
+        | {
+            "peak_rss_training_mb": peak_rss_mb(),
+            "seconds_per_step": statistics.median(seconds[1:] or seconds),
+            "seconds_per_step_all": seconds,
+            "losses": losses,
+        }
+    )
 
 
 def first_losses(language_model: str) -> dict:
