@@ -7,7 +7,7 @@ decoder portably (a Hub id, or a GGUF file's package and sha256; never a local p
 
     model, processor = load_adapter("runs/qlora")                        # the base in 4-bit, as it trained
     model, processor = load_adapter("runs/qlora", load_in_4bit=False)    # full precision, adapters merged
-    python -m cnngemma.adapters runs/qlora runs/qlora-merged             # a plain CNNGemma folder, no bitsandbytes
+    python -m cnngemma.adapters merge runs/qlora runs/qlora-merged       # a plain CNNGemma folder, no bitsandbytes
 """
 
 from __future__ import annotations
@@ -76,13 +76,9 @@ def resolve_base(base: dict) -> str:
     folder = gguf_cache_root() / base["sha256"]
     if (folder / GGUF_MARKER).is_file():
         return str(folder)
-    package = base.get("package", "")
+    package = base.get("package", "")  # a KNOWN_GGUF package: it assembles its file on request
     module = package.split("==")[0].replace("-", "_")
-    if (
-        module
-        and importlib.util.find_spec(module) is not None
-        and hasattr(importlib.import_module(module), "assemble")
-    ):
+    if module and importlib.util.find_spec(module) is not None:
         path = importlib.import_module(module).assemble()
         if file_sha256(path) == base["sha256"]:
             return str(dequantize_gguf(path))
@@ -137,6 +133,7 @@ def load_adapter(folder: str | Path, load_in_4bit: bool | None = None, device: s
     """The model and processor of an adapter folder: the base rebuilt (in 4-bit if `load_in_4bit`, default as it
     trained), the adapters, CNN and projector loaded into it; merged when the base is in full precision."""
     from peft import LoraConfig
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from modeling_cnngemma import CNNGemmaConfig
@@ -150,7 +147,7 @@ def load_adapter(folder: str | Path, load_in_4bit: bool | None = None, device: s
         lora = LoraConfig.from_pretrained(folder)
         tensors = load_file(folder / "adapter_model.safetensors")
         processor = repo_processor(folder, config)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise RunError(
             f"{flag} {folder}: not a readable adapter folder ({type(error).__name__}: {first_line(error)}). Expected "
             "the output of train_hf.py --save adapter; save it again."

@@ -200,7 +200,7 @@ def test_gpu_script_refuses_an_unknown_step_before_doing_any_work(tmp_path):
     done = subprocess.run(["bash", str(script), "fp32", "bf61"], capture_output=True, text=True, env=env)
     assert done.returncode == 2
     assert done.stderr == (
-        "run_gpu.sh: unknown step 'bf61'; expected any of: e2e_2b_b256 e2e_2b_b32 e2e_2b_b1 e2e_270m_b256 "
+        "run_gpu.sh: unknown step 'bf61'; expected any of: e2e_2b_b256 e2e_2b_b32 e2e_2b_b1 qlora_2b e2e_270m_b256 "
         "e2e_270m_b32 e2e_270m_b1 e2e_rest fp32 bf16 bf16_b256 compile_b32 compile_b256\n"
     )
     assert list(tmp_path.iterdir()) == []

@@ -297,24 +297,34 @@ def test_qlora_loss_adapter_round_trip_and_merge_without_bitsandbytes(real_gguf,
     adapter = tmp_path / "adapter"
     adapters.save_adapter(model, adapter, load_in_4bit=True)
     processor.save_pretrained(adapter)
-    reloaded, reloaded_processor = load_model(str(adapter))
-    assert torch.equal(
-        reloaded.generate(**reloaded_processor(images=images), max_new_tokens=6, do_sample=False), tokens
-    )
-    # merged in full precision: a plain folder that captions in a process where bitsandbytes cannot be imported
-    assert adapters.main(["merge", str(adapter), str(tmp_path / "merged")]) == 0
-    assert "Kind: **merged model**" in (tmp_path / "merged" / "README.md").read_text()
+    # merged in full precision, in a process where bitsandbytes cannot be imported (started now, so that it merges
+    # while this one reloads): a plain folder that captions
+    merged = tmp_path / "merged"
     script = (
-        "import sys, json, torch; sys.modules['bitsandbytes'] = None\n"
-        "from conftest import random_images\nfrom cnngemma.inference import load_model\n"
-        f"model, processor = load_model({str(tmp_path / 'merged')!r})\n"
+        "import sys, json; sys.modules['bitsandbytes'] = None\n"
+        "from conftest import random_images\nfrom cnngemma import adapters\nfrom cnngemma.inference import load_model\n"
+        f"assert adapters.main(['merge', {str(adapter)!r}, {str(merged)!r}]) == 0\n"
+        f"model, processor = load_model({str(merged)!r})\n"
         "inputs = processor(images=random_images(2, size=64, seed=5))\n"
         "print(json.dumps(model.generate(**inputs, max_new_tokens=6, do_sample=False).tolist()))\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    merged_tokens = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    merging = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    reloaded, reloaded_processor = load_model(str(adapter))
+    assert torch.equal(
+        reloaded.generate(**reloaded_processor(images=images), max_new_tokens=6, do_sample=False), tokens
+    )
+    stdout, stderr = merging.communicate(timeout=300)
+    assert merging.returncode == 0, stderr[-2000:]
+    assert "Kind: **merged model**" in (merged / "README.md").read_text()
+    merged_tokens = torch.tensor(json.loads(stdout.strip().splitlines()[-1]))
     assert merged_tokens.shape == tokens.shape and torch.equal(merged_tokens[:, :-6], inputs["input_ids"])
 
 
