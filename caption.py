@@ -25,6 +25,7 @@ from pathlib import Path
 
 from PIL.Image import DecompressionBombError
 
+from cnngemma import adapters
 from cnngemma.errors import RunError, UsageError, first_line, path_type, run_command
 from cnngemma.inference import caption_batch, check_model_source, prepare_for_captioning
 from modeling_cnngemma import load_image
@@ -72,13 +73,7 @@ def parse_args(argv=None):
         default="none",
         help="int8: int8 weights in the decoder and its head, CPU only; faster, captions may differ (default: none).",
     )
-    parser.add_argument(
-        "--adapter-base",
-        choices=("trained", "4bit", "full"),
-        default="trained",
-        help="An adapter folder's base decoder (train_hf.py --save adapter): in 4-bit NF4 (bitsandbytes), in full "
-        "precision with the adapters merged, or as it trained (default).",
-    )
+    adapters.add_base_argument(parser, "--adapter-base")
     parser.add_argument(
         "--compile",
         action="store_true",

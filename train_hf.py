@@ -1,10 +1,12 @@
-"""Fine-tune CNNGemma with Accelerate (one or more GPUs, or CPU), optionally with LoRA; the test split is scored
-at the end with metrics/evaluation.py (baselines, table, sample captions).
+"""Fine-tune CNNGemma with Accelerate (one or more GPUs, or CPU), optionally with LoRA or QLoRA (a 4-bit decoder); the
+test split is scored at the end with metrics/evaluation.py (baselines, table, sample captions).
 
     python train_hf.py                      # CPU demo: synthetic aerial set, tiny config, learns in minutes
     python train_hf.py --model outputs/cnngemma-demo --dataset data/mine --output_dir outputs/mine   # fine-tune it
     accelerate launch train_hf.py --config configuration/mobilenet_single.json --dataset data/riscm \\
         --language_model google/paligemma-3b-pt-224 --vision_pretrained imagenet
+    python train_hf.py --config configuration/lite0_grid3_270m.json --language_model gemma-3-270m.gguf \\
+        --lora_r 16 --load_in_4bit           # QLoRA: an adapter folder (cnngemma/adapters.py)
 """
 
 import argparse
@@ -130,9 +132,9 @@ def parse_args(argv=None):
     train.add_argument(
         "--save",
         choices=("merged", "adapter"),
-        help="With LoRA: 'merged' writes the whole model, 'adapter' the adapters, CNN and projector with the base named "
-        "(a Hub id or a .gguf package and sha256). Default: adapter with --load_in_4bit (merging into 4 bits is "
-        "lossy; a merged save reloads the base in full precision), else merged.",
+        help="With LoRA: 'merged' writes the whole model, 'adapter' the adapters, CNN and projector with the base "
+        "named (a Hub id or a .gguf package and sha256). Default: adapter with --load_in_4bit (merging into 4 bits "
+        "is lossy; a merged save reloads the base in full precision), else merged.",
     )
 
     optim = parser.add_argument_group("optimisation")

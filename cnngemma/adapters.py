@@ -26,6 +26,17 @@ from .errors import RunError, UsageError, first_line, run_command
 ADAPTER_FILE = "cnngemma_adapter.json"
 
 
+def add_base_argument(parser, flag: str):
+    """caption.py's --adapter-base and metrics.evaluation's --adapter_base."""
+    parser.add_argument(
+        flag,
+        choices=("trained", "4bit", "full"),
+        default="trained",
+        help="An adapter folder's base decoder (train_hf.py --save adapter): in 4-bit NF4 (bitsandbytes), in full "
+        "precision with the adapters merged, or as it trained (default).",
+    )
+
+
 def require_bitsandbytes(flag: str):
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError(

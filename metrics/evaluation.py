@@ -24,6 +24,7 @@ from pycocoevalcap.cider.cider import Cider
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from cnngemma import adapters
 from cnngemma.errors import RunError, UsageError, check_ranges, first_line, path_type, run_command
 from cnngemma.inference import check_generation_length, compiled_generation, load_model
 from cnngemma.int8 import quantize_int8
@@ -79,13 +80,7 @@ def parse_args(argv=None):
         default="none",
         help="int8: score the int8 decoding of caption.py --quantize int8 (runs on CPU).",
     )
-    parser.add_argument(
-        "--adapter_base",
-        choices=("trained", "4bit", "full"),
-        default="trained",
-        help="An adapter folder's base decoder (train_hf.py --save adapter): in 4-bit NF4 (bitsandbytes), in full "
-        "precision with the adapters merged, or as it trained (default).",
-    )
+    adapters.add_base_argument(parser, "--adapter_base")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
     rules = [
