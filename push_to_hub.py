@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnngemma import saving
+from cnngemma import adapters, saving
 from cnngemma.backbones import notice_files
 from cnngemma.errors import RunError, first_line, path_type
 from dataset_builder.push import PushError, hub_api, hub_call, push_dataset, repo_id_problem
@@ -265,6 +265,16 @@ def merge_base(model_dir: Path, merge_lora: bool, base_model_dir: str | None) ->
             f"--model_dir {model_dir} holds a LoRA adapter (adapter_config.json), which AutoModelForImageTextToText "
             "cannot load alone. Pass --merge_lora to upload the merged full weights."
         )
+    if adapters.is_adapter_folder(model_dir):  # it names its base (cnngemma.adapters)
+        record = read_json(model_dir / adapters.ADAPTER_FILE, "train_hf.py's adapter record", "save it again")
+        if isinstance(record, dict) and record.get("load_in_4bit"):
+            raise PushError(
+                f"--merge_lora: {model_dir} trained on a 4-bit base, so its scores are the 4-bit model's and the "
+                "merged weights would score otherwise. Merge it (python -m cnngemma.adapters merge DIR OUT), score OUT "
+                "(python -m metrics.evaluation --model OUT --output_dir EVAL), copy EVAL/metrics.json into OUT and "
+                "push OUT; nothing was sent."
+            )
+        return model_dir
     if has_weights:
         return model_dir
     if base_model_dir is not None:
@@ -311,6 +321,8 @@ def load_model(job: Job):
     """The model of a job, with its LoRA adapter merged into the base weights when --merge_lora names one."""
     if job.merge_into is None:
         return load_weights(job.model_dir, "--model_dir").eval()
+    if adapters.is_adapter_folder(job.model_dir):  # rebuilt on its base in full precision, and merged
+        return adapters.load_adapter(job.model_dir, load_in_4bit=False, flag="--model_dir")[0]
     from peft import PeftModel
 
     base = load_weights(job.merge_into, "base model")

@@ -639,3 +639,24 @@ def test_the_card_of_a_run_without_a_recorded_dataset_claims_no_riscm(trained, t
     card = (tmp_path / "up" / "README.md").read_text()
     assert "name: unrecorded dataset (test)" in card and "on a dataset that this model folder does not\nrecord" in card
     assert "RISCM (test)" not in card and "RISCM-style caption data" not in card
+
+
+def test_merge_lora_refuses_an_adapter_folder_trained_on_a_4bit_base(tmp_path):
+    """Its metrics.json scores the 4-bit model; merged into the full-precision base it scores otherwise
+    (results/real: CIDEr 1.175 against 0.970), so the card would publish the wrong numbers."""
+    adapter = tmp_path / "qlora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "cnngemma_adapter.json").write_text(json.dumps({"base": {}, "load_in_4bit": True}))
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        (adapter / name).write_text("{}")
+    write_metrics(adapter)
+    code, _, stderr = run_main(["--model_dir", adapter, "--merge_lora", "--dry_run", tmp_path / "up"])
+    assert code == 1
+    assert stderr.strip().splitlines()[-1] == (
+        f"push_to_hub.py: error: --merge_lora: {adapter} trained on a 4-bit base, so its scores are the 4-bit model's "
+        "and the merged weights would score otherwise. Merge it (python -m cnngemma.adapters merge DIR OUT), score "
+        "OUT (python -m metrics.evaluation --model OUT --output_dir EVAL), copy EVAL/metrics.json into OUT and push "
+        "OUT; nothing was sent."
+    )
+    assert not (tmp_path / "up").exists()
