@@ -243,6 +243,11 @@ def check_flags(args):
                 f"--{name} cannot be combined with --model: the --model folder brings its own weights, config, "
                 f"tokenizer and processor. Drop --{name}, or drop --model to build a new model."
             )
+    if args.model and adapters.is_adapter_folder(args.model):
+        raise UsageError(
+            f"--model {args.model} is an adapter folder (the base is not in it). Merge it first (python -m "
+            "cnngemma.adapters merge DIR OUT) and pass --model OUT."
+        )
     if args.model and Path(args.model).resolve() == Path(args.output_dir).resolve():
         raise UsageError(
             f"--output_dir {args.output_dir} is the --model folder: the fine-tune would overwrite the model it starts "

@@ -321,6 +321,18 @@ def test_load_in_4bit_without_bitsandbytes_is_one_line(tmp_path, monkeypatch, ca
     )
 
 
+def test_an_adapter_folder_as_model_is_refused(tmp_path, capsys):
+    adapter = tmp_path / "qlora"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "cnngemma_adapter.json", "config.json"):
+        (adapter / name).write_text("{}")
+    assert train_hf.main(["--model", str(adapter), "--output_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --model {adapter} is an adapter folder (the base is not in it). Merge it first (python -m "
+        "cnngemma.adapters merge DIR OUT) and pass --model OUT."
+    )
+
+
 def test_config_that_does_not_match_the_checkpoint(tmp_path, tiny_dataset, capsys):
     from transformers import GemmaConfig, GemmaForCausalLM
 
