@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.lm_size, args.batch_size, args.steps, args.image_size, args.caption_tokens = "tiny", 2, 2, 64, 4
+    path = args.output_dir / f"{args.tag}.json"
+    if path.exists() and "speed_ratio" not in path.read_text(errors="replace"):  # before minutes of work
+        parser.error(f"{path} exists and is not an earlier output of this script; pass another --tag or --output-dir.")
     device = torch.device(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -102,7 +105,6 @@ def main(argv=None) -> int:
         "speed_ratio": nf4["steps_per_s"] / bf16["steps_per_s"],
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    path = args.output_dir / f"{args.tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}: NF4/bf16 peak memory {result['memory_ratio']}, steps/s {result['speed_ratio']:.2f}x")
     return 0
