@@ -128,7 +128,8 @@ def write_model_folder(model, processor, output: Path, card: str | None = None):
         from .errors import UsageError
 
         raise UsageError(f"{output} already exists and is not an empty folder; pass a new folder.")
-    staging = output.with_name(f".{output.name}.partial-{new_save_id()[:8]}")
+    staging = output.with_name(f".{output.name}.partial")  # ours by its name: a killed save's is replaced
+    shutil.rmtree(staging, ignore_errors=True)
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
